@@ -1,0 +1,642 @@
+"""The file-system side of QSFTP: name confinement, atomic writes, safe reads and listings.
+
+Name policy
+-----------
+A remote name is a relative, ``/``-separated path inside the served root. It is refused
+(:class:`~qsftp.errors.BadPath`) when it:
+
+- is empty (except where the root itself is meant, e.g. listing it: then ``""``);
+- contains NUL or any other control character (U+0000-U+001F, U+007F) or a backslash;
+- starts with ``/`` or a Windows drive prefix such as ``C:``;
+- has an empty component (``a//b``, a trailing ``/``) or a ``.`` or ``..`` component;
+- has a component whose NFKC form is ``.`` or ``..`` or contains ``/`` or ``\\``
+  (look-alikes: ``‥`` U+2025, full-width full stop U+FF0E and solidus U+FF0F);
+- is longer than 4096 bytes of UTF-8, has a component longer than 255 bytes, or more than
+  64 components;
+- has a component ending in ``.qsftp-part``: that suffix is reserved for files being written;
+- cannot be encoded as UTF-8 (lone surrogates).
+
+Accepted names are returned in Unicode NFC, and the server stores and looks up that form.
+
+Symbolic links are never followed. Every name is resolved one component at a time from a
+directory file descriptor on the root, opening each component with ``O_NOFOLLOW``, so a link
+anywhere in the path, even one pointing inside the root, is refused with ``BadPath``:
+confinement does not rest on string checks alone. Listings show only regular files and
+directories whose names the policy accepts as they are; links, devices, FIFOs, sockets and partial
+files are left out.
+
+Writes go to a hidden temporary file (``.<name>.<random>.qsftp-part``) in the target directory,
+created with mode 0o666 so the umask decides the permissions. On commit its size and SHA-256 are
+checked, the data is flushed and fsync'd, the file is renamed over the final name and the
+directory is fsync'd. Any failure before the rename removes the temporary file, so the final name
+holds either the old content or the complete new one. Parent directories created for a write
+stay when it is aborted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import pathlib
+import secrets
+import stat
+import unicodedata
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO, Self
+
+from qsftp.errors import (
+    BadPath,
+    ChecksumMismatch,
+    LocalFileError,
+    NoSpace,
+    NotFound,
+    QsftpError,
+    TooLarge,
+    UsageError,
+)
+
+__all__ = [
+    "MAX_COMPONENT_BYTES",
+    "MAX_DEPTH",
+    "MAX_NAME_BYTES",
+    "PARTIAL_SUFFIX",
+    "AtomicWriter",
+    "Entry",
+    "Root",
+    "normalize_name",
+    "open_local_writer",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+# Linux PATH_MAX: a longer relative name could not be opened in one call anyway, and it bounds
+# the work one request can cause.
+MAX_NAME_BYTES = 4096
+# NAME_MAX of ext4, xfs, btrfs and tmpfs; a longer component fails on the disk with ENAMETOOLONG.
+MAX_COMPONENT_BYTES = 255
+# Each level holds a directory fd open while walking; 64 is deeper than real trees go.
+MAX_DEPTH = 64
+# Marks temporary files of unfinished writes; reserved in names so a client can neither read,
+# overwrite nor list another transfer's partial data.
+PARTIAL_SUFFIX = ".qsftp-part"
+
+# Incoming data arrives in QUIC-frame sized pieces (1-16 KiB); a 1 MiB buffer turns them into
+# few large write() calls, and bounds the memory one open upload holds.
+WRITE_BUFFER_SIZE = 1024 * 1024
+# Random part of temporary names: O_EXCL catches a collision, so 32 bits only need to make one
+# rare among concurrent writers of the same name.
+_TEMP_TOKEN_BYTES = 4
+# Longest name quoted in an error message: errors go back to the peer, keep them short.
+_SHOWN_NAME_CHARS = 100
+
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before we can refuse it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _show(name: str) -> str:
+    if len(name) > _SHOWN_NAME_CHARS:
+        name = name[:_SHOWN_NAME_CHARS] + "…"
+    return repr(name)
+
+
+def normalize_name(name: str, *, allow_empty: bool = False) -> str:
+    """Validate an untrusted remote name and return its NFC form (policy: module docstring).
+
+    ``allow_empty`` accepts ``""``, meaning the root itself. Raises :class:`BadPath` saying
+    what is wrong.
+    """
+    if name == "":
+        if allow_empty:
+            return ""
+        raise BadPath("empty name")
+    shown = _show(name)
+    nfc = unicodedata.normalize("NFC", name)
+    try:
+        size = len(nfc.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadPath(f"{shown}: not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise BadPath(f"{shown}: longer than {MAX_NAME_BYTES} bytes")
+    for ch in nfc:
+        if ch < " " or ch == "\x7f":
+            raise BadPath(f"{shown}: contains control character {ch!r}")
+    if "\\" in nfc:
+        raise BadPath(f"{shown}: contains a backslash")
+    if nfc.startswith("/"):
+        raise BadPath(f"{shown}: absolute path (names are relative to the root)")
+    if len(nfc) >= 2 and nfc[1] == ":" and nfc[0].isascii() and nfc[0].isalpha():
+        raise BadPath(f"{shown}: starts with a drive prefix")
+    parts = nfc.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise BadPath(f"{shown}: deeper than {MAX_DEPTH} components")
+    for part in parts:
+        if part == "":
+            raise BadPath(f"{shown}: empty component ('//' or a trailing '/')")
+        if part in (".", ".."):
+            raise BadPath(f"{shown}: {part!r} component")
+        compat = unicodedata.normalize("NFKC", part)
+        if compat in (".", "..") or "/" in compat or "\\" in compat:
+            raise BadPath(f"{shown}: component {_show(part)} looks like {compat!r}")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise BadPath(f"{shown}: a component is longer than {MAX_COMPONENT_BYTES} bytes")
+        if part.endswith(PARTIAL_SUFFIX):
+            raise BadPath(f"{shown}: names ending in {PARTIAL_SUFFIX!r} are reserved")
+    return nfc
+
+
+def _is_listable(name: str) -> bool:
+    try:
+        return normalize_name(name) == name
+    except BadPath:
+        return False
+
+
+def _split(name: str) -> list[str]:
+    return name.split("/") if name else []
+
+
+def _os_error(exc: OSError, name: str) -> QsftpError:
+    """Map an OSError about ``name`` to the QSFTP error the caller should see."""
+    shown = _show(name)
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"{shown}: no such file or directory")
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return NoSpace(f"{shown}: {exc.strerror}")
+    return LocalFileError(f"{shown}: {exc.strerror}")
+
+
+def _write_error(exc: OSError, name: str) -> QsftpError:
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return NoSpace(f"{_show(name)}: {exc.strerror}")
+    return LocalFileError(f"{_show(name)}: {exc.strerror}")
+
+
+def _check_size(size: int | None) -> None:
+    if size is not None and size < 0:
+        raise UsageError(f"negative size {size}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """A regular file or directory under a :class:`Root`."""
+
+    name: str
+    """Relative path from the root, ``/``-separated (``""`` for the root itself)."""
+    kind: str
+    """``"file"`` or ``"dir"``."""
+    size: int
+    """Size in bytes; 0 for directories."""
+    mtime_ns: int
+    """Modification time, nanoseconds since the epoch."""
+
+
+def _entry(name: str, st: os.stat_result) -> Entry | None:
+    if stat.S_ISREG(st.st_mode):
+        return Entry(name=name, kind="file", size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(name=name, kind="dir", size=0, mtime_ns=st.st_mtime_ns)
+    return None
+
+
+def _kind_error(name: str, st: os.stat_result, *, want_dir: bool) -> BadPath:
+    """Say why ``st`` is not the regular file (or, with ``want_dir``, directory) expected."""
+    if stat.S_ISLNK(st.st_mode):
+        return BadPath(f"{_show(name)} is a symbolic link")
+    if stat.S_ISDIR(st.st_mode):
+        return BadPath(f"{_show(name)} is a directory")
+    return BadPath(f"{_show(name)} is not a {'directory' if want_dir else 'regular file'}")
+
+
+def _open_error(
+    parent_fd: int, component: str, name: str, exc: OSError, *, want_dir: bool
+) -> QsftpError:
+    """Map a failed ``open(component, O_NOFOLLOW, dir_fd=parent_fd)`` to a QSFTP error."""
+    # O_DIRECTORY|O_NOFOLLOW on a link gives ENOTDIR, not ELOOP; devices and sockets give ENXIO
+    # or ENODEV: look at what is there to say which.
+    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.ENODEV):
+        return _os_error(exc, name)
+    try:
+        st = os.stat(component, dir_fd=parent_fd, follow_symlinks=False)
+    except OSError as again:
+        return _os_error(again, name)
+    return _kind_error(name, st, want_dir=want_dir)
+
+
+class Root:
+    """A directory that confines every name. Opens one O_DIRECTORY fd; close() / context manager.
+
+    Every method takes an untrusted remote name, applies :func:`normalize_name` and walks it from
+    the root fd without following symbolic links. Apart from :meth:`close`, methods are safe to
+    call from several threads.
+    """
+
+    path: pathlib.Path
+    """The root directory, resolved."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self._fd = -1
+        try:
+            if create:
+                pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+            self.path = pathlib.Path(path).resolve(strict=True)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalFileError(f"root {os.fspath(path)!r}: {exc.strerror}") from exc
+
+    def __repr__(self) -> str:
+        return f"Root({str(self.path)!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the root fd. Writers already created keep working."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def open_read(self, name: str) -> tuple[BinaryIO, Entry]:
+        """Open a regular file for reading; return the file and its :class:`Entry`."""
+        name = normalize_name(name)
+        parts = _split(name)
+        parent = self._open_dir(parts[:-1], name)
+        try:
+            try:
+                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=parent)
+            except OSError as exc:
+                raise _open_error(parent, parts[-1], name, exc, want_dir=False) from None
+        finally:
+            os.close(parent)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _kind_error(name, st, want_dir=False)
+            os.set_blocking(fd, True)
+            file = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        return file, Entry(name=name, kind="file", size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    def stat(self, name: str) -> Entry:
+        """Describe a regular file or directory; ``""`` is the root itself."""
+        name = normalize_name(name, allow_empty=True)
+        if not name:
+            st = os.fstat(self._root_fd())
+            return Entry(name="", kind="dir", size=0, mtime_ns=st.st_mtime_ns)
+        parts = _split(name)
+        parent = self._open_dir(parts[:-1], name)
+        try:
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except OSError as exc:
+            raise _os_error(exc, name) from None
+        finally:
+            os.close(parent)
+        entry = _entry(name, st)
+        if entry is None:
+            raise _kind_error(name, st, want_dir=False)
+        return entry
+
+    def listdir(self, name: str = "", *, recursive: bool = False) -> list[Entry]:
+        """List a directory (``""``: the root), sorted by name.
+
+        Only regular files and directories whose names :func:`normalize_name` accepts unchanged
+        are listed; symbolic links are neither listed nor followed. ``recursive`` lists the whole
+        subtree, directories included, down to :data:`MAX_DEPTH`.
+        """
+        name = normalize_name(name, allow_empty=True)
+        fd = self._open_dir(_split(name), name)
+        entries: list[Entry] = []
+        try:
+            self._scan(fd, name, recursive, entries)
+        finally:
+            os.close(fd)
+        entries.sort(key=lambda entry: entry.name)
+        return entries
+
+    def create_writer(self, name: str, *, size: int | None = None) -> AtomicWriter:
+        """Start writing the file ``name``, creating missing parent directories inside the root.
+
+        ``size``, when given, is the exact number of bytes the caller will write.
+        """
+        name = normalize_name(name)
+        _check_size(size)
+        parts = _split(name)
+        parent = self._open_dir(parts[:-1], name, create=True)
+        try:
+            st = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            os.close(parent)
+            raise _os_error(exc, name) from None
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                os.close(parent)
+                raise _kind_error(name, st, want_dir=False)
+        return AtomicWriter(parent, parts[-1], name=name, size=size, refuse=BadPath)
+
+    def _root_fd(self) -> int:
+        if self._fd < 0:
+            raise UsageError(f"{self!r} is closed")
+        return self._fd
+
+    def _open_dir(self, parts: list[str], name: str, *, create: bool = False) -> int:
+        """Return a new fd on the directory ``parts`` below the root, following no link."""
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd())
+        try:
+            for depth, component in enumerate(parts, 1):
+                child = self._open_child(fd, component, "/".join(parts[:depth]), create)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _open_child(parent: int, component: str, name: str, create: bool) -> int:
+        try:
+            return os.open(component, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise NotFound(f"{_show(name)}: no such directory") from None
+        except OSError as exc:
+            raise _open_error(parent, component, name, exc, want_dir=True) from None
+        try:
+            os.mkdir(component, 0o777, dir_fd=parent)
+            os.fsync(parent)  # so the new directory, and later the file in it, survive a crash
+            logger.debug("created directory %r", name)
+        except FileExistsError:
+            pass  # made concurrently, or not a directory: the open below tells
+        except OSError as exc:
+            raise _os_error(exc, name) from None
+        try:
+            return os.open(component, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            raise _open_error(parent, component, name, exc, want_dir=True) from None
+
+    def _scan(self, fd: int, prefix: str, recursive: bool, out: list[Entry]) -> None:
+        subdirs: list[tuple[str, str]] = []
+        with os.scandir(fd) as it:
+            for dirent in it:
+                rel = f"{prefix}/{dirent.name}" if prefix else dirent.name
+                if not _is_listable(rel):
+                    continue
+                try:
+                    entry = _entry(rel, dirent.stat(follow_symlinks=False))
+                except OSError:
+                    continue  # removed while we were listing
+                if entry is None:
+                    continue
+                out.append(entry)
+                if entry.kind == "dir" and recursive:
+                    subdirs.append((dirent.name, rel))
+        for component, rel in subdirs:
+            try:
+                child = os.open(component, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # removed, or swapped for a link, since the scan
+            try:
+                self._scan(child, rel, recursive, out)
+            finally:
+                os.close(child)
+
+
+def _temp_name(final: str) -> str:
+    token = secrets.token_hex(_TEMP_TOKEN_BYTES)
+    # Keep the temporary name within NAME_MAX even when the final name uses all of it.
+    room = MAX_COMPONENT_BYTES - len(f"..{token}{PARTIAL_SUFFIX}")
+    stem = final.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return f".{stem}.{token}{PARTIAL_SUFFIX}"
+
+
+class AtomicWriter:
+    """Writes to a temp file in the target directory; the final name appears only on commit().
+
+    Made by :meth:`Root.create_writer` and :func:`open_local_writer`. Any failure in
+    :meth:`write` or :meth:`commit` removes the temporary file before raising; leaving a
+    ``with`` block without committing does the same.
+    """
+
+    name: str
+    """The final name: relative to the root for a :class:`Root`, else the local path."""
+    bytes_written: int
+    """Bytes accepted by :meth:`write` so far."""
+
+    def __init__(
+        self,
+        dir_fd: int,
+        final: str,
+        *,
+        name: str,
+        size: int | None,
+        refuse: type[QsftpError],
+        overwrite: bool = True,
+    ) -> None:
+        """Take ownership of ``dir_fd`` and create the temp file for ``final`` inside it.
+
+        ``refuse`` is the error raised when the final name turns out to be unusable (BadPath
+        for remote names, LocalFileError for local paths).
+        """
+        self.name = name
+        self.bytes_written = 0
+        self._dir_fd = dir_fd
+        self._final = final
+        self._size = size
+        self._refuse = refuse
+        self._overwrite = overwrite
+        self._sha256 = hashlib.sha256()
+        self._committed = False
+        self._temp = _temp_name(final)
+        try:
+            fd = os.open(self._temp, _TEMP_FLAGS, 0o666, dir_fd=dir_fd)
+        except OSError as exc:
+            os.close(dir_fd)
+            raise _write_error(exc, name) from None
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=WRITE_BUFFER_SIZE)
+        logger.debug("writing %r via %r", name, self._temp)
+
+    def __repr__(self) -> str:
+        return f"<AtomicWriter {self.name!r} {self.bytes_written} bytes>"
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or aborted."""
+        return self._file is None
+
+    @property
+    def committed(self) -> bool:
+        """True once :meth:`commit` has renamed the file to its final name."""
+        return self._committed
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` and add it to the running SHA-256.
+
+        Raises :class:`TooLarge` past the declared size, :class:`NoSpace` when the disk is full
+        (ENOSPC, EDQUOT, EFBIG) and :class:`LocalFileError` for other I/O errors.
+        """
+        file = self._open_file()
+        view = memoryview(data).cast("B")
+        if self._size is not None and self.bytes_written + view.nbytes > self._size:
+            self.abort()
+            raise TooLarge(f"{_show(self.name)}: more than the declared {self._size} bytes")
+        try:
+            file.write(view)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.name) from None
+        self._sha256.update(view)
+        self.bytes_written += view.nbytes
+
+    def hexdigest(self) -> str:
+        """SHA-256 of what was written so far, lowercase hex."""
+        return self._sha256.hexdigest()
+
+    def commit(self, *, expected_sha256: str | None = None) -> str:
+        """Check, make durable and rename the file to its final name; return its SHA-256.
+
+        Raises :class:`ChecksumMismatch` when fewer bytes than the declared size were written or
+        the SHA-256 differs from ``expected_sha256``; :class:`NoSpace` or
+        :class:`LocalFileError` when flushing or syncing fails. The temp file is removed first.
+        """
+        file = self._open_file()
+        digest = self.hexdigest()
+        try:
+            if self._size is not None and self.bytes_written != self._size:
+                raise ChecksumMismatch(
+                    f"{_show(self.name)}: size {self.bytes_written} != declared {self._size}"
+                )
+            if expected_sha256 is not None and expected_sha256.lower() != digest:
+                raise ChecksumMismatch(
+                    f"{_show(self.name)}: SHA-256 {digest} != expected {expected_sha256}"
+                )
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+                file.close()
+            except OSError as exc:
+                raise _write_error(exc, self.name) from None
+            if not self._overwrite and self._exists(self._final):
+                raise self._refuse(f"{_show(self.name)} already exists")
+            try:
+                os.replace(
+                    self._temp, self._final, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd
+                )
+            except IsADirectoryError:
+                raise self._refuse(f"{_show(self.name)} is a directory") from None
+            except OSError as exc:
+                raise _write_error(exc, self.name) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._committed = True
+        self._file = None
+        try:
+            # The rename is only durable once the directory is; the data already is.
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        finally:
+            os.close(self._dir_fd)
+        logger.debug("committed %r: %d bytes, sha256 %s", self.name, self.bytes_written, digest)
+        return digest
+
+    def abort(self) -> None:
+        """Close and remove the temp file. Idempotent; does nothing after a commit."""
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        try:
+            os.unlink(self._temp, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove %r: %s", self._temp, exc.strerror)
+        with contextlib.suppress(OSError):  # unflushed data of a file just removed
+            file.close()
+        os.close(self._dir_fd)
+        logger.debug("aborted %r after %d bytes", self.name, self.bytes_written)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    def _open_file(self) -> BinaryIO:
+        if self._file is None:
+            state = "committed" if self._committed else "aborted"
+            raise UsageError(f"{self!r} is already {state}")
+        return self._file
+
+    def _exists(self, final: str) -> bool:
+        try:
+            os.stat(final, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def open_local_writer(
+    path: str | os.PathLike[str], *, size: int | None = None, overwrite: bool = True
+) -> AtomicWriter:
+    """Start writing the local file ``path`` atomically (a client-side download).
+
+    The parent directory must exist. With ``overwrite=False`` an existing file is refused now
+    and again just before the rename. Errors are :class:`LocalFileError` (or :class:`NoSpace`).
+    """
+    _check_size(size)
+    final = pathlib.Path(path)
+    shown = os.fspath(path)
+    if final.name in ("", ".", ".."):
+        raise LocalFileError(f"{shown!r} does not name a file")
+    try:
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalFileError(f"{final.parent}: {exc.strerror}") from None
+    try:
+        st = os.stat(final.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        os.close(dir_fd)
+        raise LocalFileError(f"{shown}: {exc.strerror}") from None
+    else:
+        if stat.S_ISDIR(st.st_mode) or not overwrite:
+            os.close(dir_fd)
+            problem = "is a directory" if stat.S_ISDIR(st.st_mode) else "already exists"
+            raise LocalFileError(f"{shown} {problem}")
+    return AtomicWriter(
+        dir_fd, final.name, name=shown, size=size, refuse=LocalFileError, overwrite=overwrite
+    )
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a local file, lowercase hex, read in blocks."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as exc:
+        raise LocalFileError(f"{os.fspath(path)}: {exc.strerror}") from None
