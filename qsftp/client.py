@@ -1,0 +1,874 @@
+"""The QSFTP client: ``async with connect(...)``, one-shot helpers, and ``python -m qsftp.client``.
+
+Trust, in order: ``cafile`` (the TLS layer verifies chain and name), ``pin`` (the certificate's
+SHA-256 must match), ``insecure`` (nothing is checked; a warning is logged), or by default
+trust-on-first-use against a known-hosts file, as ssh does. The check happens right after the
+handshake and before the token is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import socket
+import ssl
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from tqdm import tqdm
+
+from . import __version__, fs, trust
+from .errors import (
+    AuthFailed,
+    BadPath,
+    ChecksumMismatch,
+    ConnectTimeout,
+    LocalFileError,
+    NotFound,
+    OperationError,
+    QsftpError,
+    TransportError,
+    TrustError,
+    UsageError,
+    error_for_code,
+)
+from .protocol import (
+    DataReceived,
+    EntryReceived,
+    Event,
+    FileStarted,
+    OperationDone,
+    Role,
+    SessionAccepted,
+    SessionRejected,
+    TerminateReceived,
+)
+from .server import DEFAULT_PORT
+from .session import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    Channel,
+    QsftpProtocol,
+    QuicStats,
+    cpu_time,
+    event_error,
+    receive_body,
+    send_body,
+)
+from .wire import ALPN, EntryKind
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "Connection",
+    "TransferResult",
+    "connect",
+    "download",
+    "listdir",
+    "main",
+    "upload",
+]
+
+logger = logging.getLogger(__name__)
+
+# How long the handshake and session opening may take before we give up: long enough for a
+# slow, lossy path (several PTOs), short enough that a typo in the address fails quickly.
+CONNECT_TIMEOUT = 10.0
+# How long a graceful CONN_TERMINATE exchange may take when closing.
+_TERMINATE_TIMEOUT = 1.0
+# Operations run at once by the CLI and the tree helpers over one connection.
+PARALLEL_TRANSFERS = 8
+# TLS alerts arrive as QUIC CRYPTO_ERROR codes 0x100 + alert.
+_CRYPTO_ERROR_MIN, _CRYPTO_ERROR_MAX = 0x100, 0x1FF
+_NO_APPLICATION_PROTOCOL = 0x100 + 120
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferResult:
+    """One verified transfer. ``seconds`` covers request sent → verified final status."""
+
+    op: str
+    "``upload`` or ``download``."
+    name: str
+    "Remote name."
+    local_path: str
+    "The local file read or written."
+    size: int
+    "Bytes transferred."
+    seconds: float
+    "perf_counter time from sending the request to the server's verified DONE (download: "
+    "to the local file committed)."
+    sha256: str
+    "SHA-256 of the file, hex; equal on both sides."
+    verified: bool
+    "True when the server's SHA-256 and size matched the local ones."
+    chunk_size: int
+    "DATA payload size, bytes."
+    handshake_ms: float
+    "QUIC + TLS handshake of the connection used, ms."
+    session_ms: float
+    "CONN_REQUEST → CONN_ACK of the connection used, ms."
+    smoothed_rtt_ms: float
+    "Smoothed RTT at the end of the transfer, ms."
+    packets_sent: int
+    "QUIC packets this side sent during the transfer (the whole connection's, if shared)."
+    packets_lost: int
+    "Packets this side declared lost during the transfer."
+    client_cpu_s: float
+    "CPU seconds this process used during the transfer."
+    server_cpu_s: float
+    "CPU seconds the server process used during the operation (from its DONE)."
+    max_datagram_size: int
+    "QUIC max_datagram_size of the connection."
+    congestion_control: str
+    "Congestion control algorithm of this side."
+    started_at: str
+    "Wall-clock start, ISO 8601 UTC (for ordering only; durations use perf_counter)."
+
+    @property
+    def throughput_mb_s(self) -> float:
+        """Megabytes (10^6 bytes) per second."""
+        return self.size / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict of every field plus ``throughput_mb_s``."""
+        out = dataclasses.asdict(self)
+        out["throughput_mb_s"] = self.throughput_mb_s
+        return out
+
+
+class _ClientProtocol(QsftpProtocol):
+    role = Role.CLIENT
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.session: asyncio.Future[SessionAccepted] = self.loop.create_future()
+        self.terminate_answered = asyncio.Event()
+
+    def handle_event(self, event: Event) -> None:
+        match event:
+            case SessionAccepted():
+                if not self.session.done():
+                    self.session.set_result(event)
+            case SessionRejected():
+                if not self.session.done():
+                    self.session.set_exception(error_for_code(event.code, event.message))
+            case TerminateReceived():
+                if self.qsftp.control_state.value == "server-closing":
+                    self.qsftp.terminate()
+                self.terminate_answered.set()
+            case _:
+                logger.debug("ignored %r", event)
+
+    def _connection_lost(self, event: Any) -> None:
+        super()._connection_lost(event)
+        if not self.session.done():
+            self.session.set_exception(TransportError(self.termination_text()))
+        self.terminate_answered.set()
+
+
+class Connection:
+    """An open qsftp/1 session. Get one with :func:`connect`; operations may run concurrently."""
+
+    def __init__(
+        self,
+        protocol: _ClientProtocol,
+        *,
+        host: str,
+        port: int,
+        trust_decision: trust.TrustDecision,
+        handshake_ms: float,
+        session_ms: float,
+        server: str,
+        configuration: QuicConfiguration,
+    ) -> None:
+        self._protocol = protocol
+        self.host = host
+        self.port = port
+        self.trust = trust_decision
+        self.fingerprint = trust_decision.fingerprint
+        self.handshake_ms = handshake_ms
+        self.session_ms = session_ms
+        self.server = server
+        self.max_datagram_size = configuration.max_datagram_size
+        self.congestion_control = configuration.congestion_control_algorithm
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.host}:{self.port} server={self.server!r}>"
+
+    def stats(self) -> QuicStats:
+        """Transport figures of this connection so far."""
+        return self._protocol.stats()
+
+    def _open(self) -> Channel:
+        protocol = self._protocol
+        if protocol.terminated is not None:
+            raise TransportError(protocol.termination_text())
+        stream_id = protocol._quic.get_next_available_stream_id()
+        return protocol.open_channel(stream_id)
+
+    @contextlib.asynccontextmanager
+    async def _operation(self) -> AsyncIterator[Channel]:
+        channel = self._open()
+        finished = False
+        try:
+            yield channel
+            finished = True
+        finally:
+            self._protocol.close_channel(channel, abort=not finished)
+
+    def _result(
+        self,
+        *,
+        op: str,
+        name: str,
+        local_path: Path,
+        size: int,
+        started: float,
+        started_at: str,
+        cpu_start: float,
+        stats_start: QuicStats,
+        sha256: str,
+        chunk_size: int,
+        server_cpu_us: int,
+    ) -> TransferResult:
+        seconds = time.perf_counter() - started
+        stats = self.stats()
+        return TransferResult(
+            op=op,
+            name=name,
+            local_path=str(local_path),
+            size=size,
+            seconds=seconds,
+            sha256=sha256,
+            verified=True,
+            chunk_size=chunk_size,
+            handshake_ms=self.handshake_ms,
+            session_ms=self.session_ms,
+            smoothed_rtt_ms=stats.smoothed_rtt_ms,
+            packets_sent=stats.packets_sent - stats_start.packets_sent,
+            packets_lost=stats.packets_lost - stats_start.packets_lost,
+            client_cpu_s=cpu_time() - cpu_start,
+            server_cpu_s=server_cpu_us / 1e6,
+            max_datagram_size=self.max_datagram_size,
+            congestion_control=self.congestion_control,
+            started_at=started_at,
+        )
+
+    async def upload(
+        self,
+        path: str | os.PathLike[str],
+        remote_name: str | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        progress: Callable[[int], None] | None = None,
+    ) -> TransferResult:
+        """Upload one file; returns when the server has verified and stored it."""
+        _check_chunk_size(chunk_size)
+        local = Path(path)
+        name = fs.normalize_name(remote_name if remote_name is not None else local.name)
+        file = _open_local(local)
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            protocol = self._protocol
+            async with self._operation() as channel:
+                started_at = _now_iso()
+                stats_start, cpu_start = self.stats(), cpu_time()
+                started = time.perf_counter()
+                protocol.qsftp.send_put(channel.stream_id, name, size)
+                protocol.flush()
+                digest = await send_body(
+                    protocol, channel, file, size, chunk_size, progress=progress
+                )
+                protocol.qsftp.send_end(channel.stream_id, digest)
+                protocol.flush()
+                event = await channel.next_event()
+                if not isinstance(event, OperationDone):
+                    raise event_error(event)
+                if event.sha256 != digest or event.size != size:
+                    raise ChecksumMismatch(
+                        f"server stored {event.size} bytes with SHA-256 {event.sha256.hex()}, "
+                        f"sent {size} bytes with SHA-256 {digest.hex()}"
+                    )
+                return self._result(
+                    op="upload",
+                    name=name,
+                    local_path=local,
+                    size=size,
+                    started=started,
+                    started_at=started_at,
+                    cpu_start=cpu_start,
+                    stats_start=stats_start,
+                    sha256=digest.hex(),
+                    chunk_size=chunk_size,
+                    server_cpu_us=event.server_cpu_us,
+                )
+
+    async def download(
+        self,
+        remote_name: str,
+        dest: str | os.PathLike[str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        progress: Callable[[int], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> TransferResult:
+        """Download one file to ``dest`` (a file path, or an existing directory; default: the
+        current directory). Nothing appears under the final name unless the SHA-256 matches."""
+        _check_chunk_size(chunk_size)
+        name = fs.normalize_name(remote_name)
+        target = Path(dest) if dest is not None else Path(name.rsplit("/", 1)[-1])
+        if target.is_dir():
+            target = target / name.rsplit("/", 1)[-1]
+        protocol = self._protocol
+        async with self._operation() as channel:
+            started_at = _now_iso()
+            stats_start, cpu_start = self.stats(), cpu_time()
+            started = time.perf_counter()
+            protocol.qsftp.send_get(channel.stream_id, name, chunk_size=chunk_size)
+            protocol.flush()
+            event = await channel.next_event()
+            if not isinstance(event, FileStarted):
+                raise event_error(event)
+            size, mtime_ns = event.size, event.mtime_ns
+            if on_start is not None:
+                on_start(size)
+            writer = await asyncio.to_thread(fs.open_local_writer, target, size=size)
+            try:
+                event = await channel.next_event()
+                if isinstance(event, DataReceived):
+                    event = await receive_body(
+                        protocol, channel, writer.write, first=event.data, progress=progress
+                    )
+                if not isinstance(event, OperationDone):
+                    raise event_error(event)
+                digest = await asyncio.to_thread(writer.commit, expected_sha256=event.sha256.hex())
+            finally:
+                writer.abort()
+            with contextlib.suppress(OSError):
+                os.utime(target, ns=(mtime_ns, mtime_ns))
+            return self._result(
+                op="download",
+                name=name,
+                local_path=target,
+                size=size,
+                started=started,
+                started_at=started_at,
+                cpu_start=cpu_start,
+                stats_start=stats_start,
+                sha256=digest,
+                chunk_size=chunk_size,
+                server_cpu_us=event.server_cpu_us,
+            )
+
+    async def _entries(self, send: Callable[[int], None]) -> list[fs.Entry]:
+        async with self._operation() as channel:
+            send(channel.stream_id)
+            self._protocol.flush()
+            entries: list[fs.Entry] = []
+            while True:
+                event = await channel.next_event()
+                if isinstance(event, EntryReceived):
+                    kind = "dir" if event.kind == EntryKind.DIR else "file"
+                    entries.append(
+                        fs.Entry(
+                            name=event.name, kind=kind, size=event.size, mtime_ns=event.mtime_ns
+                        )
+                    )
+                elif isinstance(event, OperationDone):
+                    return entries
+                else:
+                    raise event_error(event)
+
+    async def listdir(self, path: str = "", *, recursive: bool = False) -> list[fs.Entry]:
+        """Entries (name, kind, size, mtime_ns) under a remote directory, sorted by name."""
+        path = fs.normalize_name(path, allow_empty=True)
+        qsftp = self._protocol.qsftp
+        return await self._entries(lambda sid: qsftp.send_list(sid, path, recursive=recursive))
+
+    async def stat(self, path: str) -> fs.Entry:
+        """One remote entry; ``""`` is the root."""
+        path = fs.normalize_name(path, allow_empty=True)
+        qsftp = self._protocol.qsftp
+        entries = await self._entries(lambda sid: qsftp.send_stat(sid, path))
+        if len(entries) != 1:
+            raise TransportError(f"STAT answered {len(entries)} entries")
+        return entries[0]
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+
+
+def _open_local(path: Path) -> Any:
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise LocalFileError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise LocalFileError(f"{path} is not a regular file")
+    return file
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def client_configuration(
+    host: str,
+    *,
+    cafile: str | os.PathLike[str] | None = None,
+    max_datagram_size: int | None = None,
+    congestion_control: str | None = None,
+) -> QuicConfiguration:
+    """The QUIC settings of a qsftp/1 client."""
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], server_name=host, verify_mode=ssl.CERT_NONE
+    )
+    if max_datagram_size is not None:
+        configuration.max_datagram_size = max_datagram_size
+    if congestion_control is not None:
+        configuration.congestion_control_algorithm = congestion_control
+    if cafile is not None:
+        configuration.verify_mode = ssl.CERT_REQUIRED
+        try:
+            configuration.load_verify_locations(cafile=os.fspath(cafile))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise LocalFileError(f"cannot load CA file {cafile}: {exc}") from exc
+    return configuration
+
+
+def _handshake_error(protocol: _ClientProtocol, host: str, port: int, cafile: Any) -> QsftpError:
+    where = f"{host}:{port}"
+    error = protocol.transport_error
+    if error is not None:
+        if isinstance(error, ConnectionRefusedError):
+            return TransportError(f"connection refused by {where} (is a qsftp server running?)")
+        return TransportError(f"cannot reach {where}: {error.strerror or error}")
+    event = protocol.terminated
+    if event is not None and event.error_code == _NO_APPLICATION_PROTOCOL:
+        return TransportError(f"{where} does not speak {ALPN}")
+    if event is not None and _CRYPTO_ERROR_MIN <= event.error_code <= _CRYPTO_ERROR_MAX:
+        if cafile is not None:
+            return TrustError(
+                f"certificate of {where} not trusted by {cafile}: {event.reason_phrase}"
+            )
+        return TransportError(f"TLS handshake with {where} failed: {event.reason_phrase}")
+    return TransportError(f"handshake with {where} failed: {protocol.termination_text()}")
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    token: str | None = None,
+    cafile: str | os.PathLike[str] | None = None,
+    pin: str | None = None,
+    insecure: bool = False,
+    known_hosts: str | os.PathLike[str] | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+    max_datagram_size: int | None = None,
+    congestion_control: str | None = None,
+) -> AsyncIterator[Connection]:
+    """Open a verified, authenticated qsftp/1 session; close it gracefully on exit."""
+    if insecure and (pin or cafile):
+        raise UsageError("--insecure cannot be combined with --pin or --cafile")
+    if pin is not None:
+        pin = trust.normalize_fingerprint(pin)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot resolve {host}: {exc.strerror}") from exc
+    family, _, _, _, addr = infos[0]
+    configuration = client_configuration(
+        host,
+        cafile=cafile,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
+    )
+    quic = QuicConnection(configuration=configuration)
+    # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _ClientProtocol(quic), remote_addr=addr, family=family
+    )
+    try:
+        started = time.perf_counter()
+        protocol.connect(addr)
+        try:
+            async with asyncio.timeout(timeout):
+                await protocol.wait_connected()
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"no answer from {host}:{port} within {timeout:g} s (is a qsftp server running?)"
+            ) from None
+        except ConnectionError:
+            raise _handshake_error(protocol, host, port, cafile) from None
+        handshake_ms = (time.perf_counter() - started) * 1000.0
+        decision = trust.check_peer(
+            host,
+            port,
+            protocol.peer_certificate(),
+            pin=pin,
+            known_hosts=trust.KnownHosts(Path(known_hosts) if known_hosts else None),
+            insecure=insecure,
+            cafile_verified=cafile is not None,
+        )
+        if decision.message:
+            logger.warning("%s", decision.message)
+        started = time.perf_counter()
+        protocol.qsftp.request_session(token=token or "", client=f"qsftp/{__version__}")
+        protocol.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                accepted = await protocol.session
+        except TimeoutError:
+            raise ConnectTimeout(f"{host}:{port} did not open a session in {timeout:g} s") from None
+        session_ms = (time.perf_counter() - started) * 1000.0
+        yield Connection(
+            protocol,
+            host=host,
+            port=port,
+            trust_decision=decision,
+            handshake_ms=handshake_ms,
+            session_ms=session_ms,
+            server=accepted.server,
+            configuration=configuration,
+        )
+        if protocol.terminated is None and protocol.qsftp.session_open:
+            protocol.qsftp.terminate()
+            protocol.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_TERMINATE_TIMEOUT):
+                    await protocol.terminate_answered.wait()
+    finally:
+        protocol.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_TERMINATE_TIMEOUT):
+                await protocol.wait_closed()
+        transport.close()
+
+
+# --- one-shot helpers -------------------------------------------------------------------------
+
+
+async def upload(
+    path: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    remote_name: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **options: Any,
+) -> TransferResult:
+    """Connect, upload one file, verify, disconnect. ``options`` go to :func:`connect`."""
+    async with connect(host, port, **options) as conn:
+        return await conn.upload(path, remote_name, chunk_size=chunk_size)
+
+
+async def download(
+    remote_name: str,
+    dest: str | os.PathLike[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **options: Any,
+) -> TransferResult:
+    """Connect, download one file, verify, disconnect. ``options`` go to :func:`connect`."""
+    async with connect(host, port, **options) as conn:
+        return await conn.download(remote_name, dest, chunk_size=chunk_size)
+
+
+async def listdir(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    path: str = "",
+    *,
+    recursive: bool = False,
+    **options: Any,
+) -> list[fs.Entry]:
+    """Connect and list a remote directory. ``options`` go to :func:`connect`."""
+    async with connect(host, port, **options) as conn:
+        return await conn.listdir(path, recursive=recursive)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+# Exit statuses of the CLI, one per failure class (README lists them).
+EXIT_OK = 0
+EXIT_FAILED = 1  # an operation failed for another reason
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_TRUST = 4
+EXIT_AUTH = 5
+EXIT_LOCAL_FILE = 6
+EXIT_BAD_PATH = 7
+EXIT_NOT_FOUND = 8
+EXIT_CHECKSUM = 9
+
+_EXIT_FOR: list[tuple[type[QsftpError], int]] = [
+    (UsageError, EXIT_USAGE),
+    (TransportError, EXIT_CONNECT),
+    (TrustError, EXIT_TRUST),
+    (AuthFailed, EXIT_AUTH),
+    (LocalFileError, EXIT_LOCAL_FILE),
+    (BadPath, EXIT_BAD_PATH),
+    (NotFound, EXIT_NOT_FOUND),
+    (ChecksumMismatch, EXIT_CHECKSUM),
+]
+
+
+def exit_status(error: QsftpError) -> int:
+    """The CLI exit status for ``error``."""
+    for cls, status in _EXIT_FOR:
+        if isinstance(error, cls):
+            return status
+    return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qsftp.client",
+        description="Upload files to, download from, or list a QSFTP server.",
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE", help="files or directories to upload")
+    parser.add_argument("--as", dest="remote_name", metavar="NAME", help="remote name (one FILE)")
+    parser.add_argument("--get", metavar="NAME", help="download a remote file or directory")
+    parser.add_argument("-o", "--output", metavar="DEST", help="where --get writes (default: .)")
+    parser.add_argument(
+        "--list", nargs="?", const="", default=None, metavar="DIR", help="list a remote directory"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server UDP port (5000)")
+    parser.add_argument("--token", help="authentication token (default: $QSFTP_TOKEN)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DATA frame size, bytes"
+    )
+    parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    trust_group = parser.add_mutually_exclusive_group()
+    trust_group.add_argument("--cafile", help="trust only certificates issued by this PEM file")
+    trust_group.add_argument("--pin", metavar="SHA256", help="expected certificate fingerprint")
+    trust_group.add_argument(
+        "--insecure", action="store_true", help="do NOT verify the server (testing only)"
+    )
+    parser.add_argument("--known-hosts", help="trust-on-first-use file (default: user config)")
+    parser.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, help="connect timeout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    parser.add_argument("--json", action="store_true", help="one JSON object per transfer")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+    return parser
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class _Cli:
+    """State of one CLI run: output mode, failures seen, progress bars."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.status = EXIT_OK
+        self.show_progress = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    def fail(self, error: QsftpError, what: str = "") -> None:
+        prefix = f"{what}: " if what else ""
+        _out(f"qsftp: error: {prefix}{error}", err=True)
+        if self.status == EXIT_OK:
+            self.status = exit_status(error)
+
+    def report(self, result: TransferResult) -> None:
+        if self.args.json:
+            fields = ("op", "name", "local_path", "size", "seconds", "sha256", "verified")
+            record = {key: getattr(result, key) for key in fields}
+            record["mb_s"] = round(result.throughput_mb_s, 3)
+            _out(json.dumps(record))
+        elif not self.args.quiet:
+            arrow = "→" if result.op == "upload" else "←"
+            _out(
+                f"{result.op} {result.local_path} {arrow} {result.name}: "
+                f"{_human_size(result.size)} in {result.seconds:.2f} s "
+                f"({result.throughput_mb_s:.1f} MB/s), sha256 {result.sha256[:16]}… verified"
+            )
+
+    @contextlib.contextmanager
+    def progress(self, label: str, total: int | None) -> Any:
+        if not self.show_progress:
+            yield None
+            return
+        with tqdm(
+            total=total, desc=label, unit="B", unit_scale=True, leave=False, file=sys.stderr
+        ) as bar:
+            yield bar.update
+
+
+def _out(text: str, *, err: bool = False) -> None:
+    """The CLI's only way to print: one line to stdout (results) or stderr (failures)."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _upload_plan(files: list[str], remote_name: str | None) -> list[tuple[Path, str]]:
+    plan: list[tuple[Path, str]] = []
+    for item in files:
+        path = Path(item)
+        if path.is_dir():
+            base = remote_name or path.resolve().name
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for filename in sorted(filenames):
+                    full = Path(dirpath) / filename
+                    rel = full.relative_to(path).as_posix()
+                    plan.append((full, f"{base}/{rel}"))
+        else:
+            plan.append((path, remote_name or path.name))
+    return plan
+
+
+async def _run_transfers(cli: _Cli, jobs: list[Callable[[], Any]]) -> None:
+    limit = asyncio.Semaphore(PARALLEL_TRANSFERS)
+
+    async def run(job: Callable[[], Any]) -> None:
+        async with limit:
+            await job()
+
+    async with asyncio.TaskGroup() as tasks:
+        for job in jobs:
+            tasks.create_task(run(job))
+
+
+async def _cli_main(cli: _Cli) -> None:
+    args = cli.args
+    options: dict[str, Any] = {
+        "token": args.token or os.environ.get("QSFTP_TOKEN") or None,
+        "cafile": args.cafile,
+        "pin": args.pin,
+        "insecure": args.insecure,
+        "known_hosts": args.known_hosts,
+        "timeout": args.timeout,
+        "max_datagram_size": args.max_datagram_size,
+    }
+    async with connect(args.host, args.port, **options) as conn:
+        if args.list is not None:
+            for entry in await conn.listdir(args.list):
+                when = datetime.datetime.fromtimestamp(entry.mtime_ns / 1e9)
+                suffix = "/" if entry.kind == "dir" else ""
+                _out(f"{entry.size:>14}  {when:%Y-%m-%d %H:%M}  {entry.name}{suffix}")
+            return
+        if args.get is not None:
+            await _cli_download(cli, conn, args.get, args.output)
+            return
+        plan = _upload_plan(args.files, args.remote_name)
+
+        def job(path: Path, name: str) -> Callable[[], Any]:
+            async def go() -> None:
+                try:
+                    size = await asyncio.to_thread(_size_or_none, path)
+                    with cli.progress(name, size) as update:
+                        result = await conn.upload(
+                            path, name, chunk_size=args.chunk_size, progress=update
+                        )
+                    cli.report(result)
+                except (OperationError, LocalFileError, UsageError) as exc:
+                    cli.fail(exc, str(path))
+
+            return go
+
+        await _run_transfers(cli, [job(path, name) for path, name in plan])
+
+
+async def _cli_download(cli: _Cli, conn: Connection, name: str, output: str | None) -> None:
+    entry = await conn.stat(name)
+    if entry.kind == "file":
+        dest = Path(output) if output else None
+        with cli.progress(name, entry.size) as update:
+            cli.report(await conn.download(name, dest, progress=update))
+        return
+    # A directory: every file below it, into DEST/<basename>/...; names from the server are
+    # untrusted, so each is validated again before it becomes a local path.
+    base = Path(output) if output else Path(".")
+    top = base / (name.rsplit("/", 1)[-1] or "root")
+    prefix = f"{entry.name}/" if entry.name else ""
+    jobs: list[Callable[[], Any]] = []
+    for item in await conn.listdir(name, recursive=True):
+        rel = fs.normalize_name(item.name[len(prefix) :] if item.name.startswith(prefix) else "")
+        local = top.joinpath(*rel.split("/"))
+        if item.kind == "dir":
+            local.mkdir(parents=True, exist_ok=True)
+            continue
+
+        def job(remote: str = item.name, local: Path = local) -> Callable[[], Any]:
+            async def go() -> None:
+                try:
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    cli.report(await conn.download(remote, local))
+                except (OperationError, LocalFileError) as exc:
+                    cli.fail(exc, remote)
+
+            return go
+
+        jobs.append(job())
+    top.mkdir(parents=True, exist_ok=True)
+    await _run_transfers(cli, jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m qsftp.client``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    modes = sum((bool(args.files), args.get is not None, args.list is not None))
+    if modes != 1:
+        parser.error("give FILEs to upload, or --get NAME, or --list [DIR] (exactly one)")
+    if args.remote_name and (len(args.files) != 1):
+        parser.error("--as names exactly one FILE")
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    cli = _Cli(args)
+    try:
+        asyncio.run(_cli_main(cli))
+    except KeyboardInterrupt:
+        _out("qsftp: interrupted", err=True)
+        return 130
+    except (QsftpError, ExceptionGroup) as exc:
+        for error in _flatten(exc):
+            if not isinstance(error, QsftpError):
+                raise
+            cli.fail(error)
+    return cli.status
+
+
+def _flatten(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _flatten(inner)]
+    return [exc]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

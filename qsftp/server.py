@@ -1,0 +1,432 @@
+"""The QSFTP server: ``async with serve(root) as server`` and ``python -m qsftp.server``.
+
+Every operation runs as one handler task in the server's TaskGroup. Handlers never let an
+exception escape: an :class:`~qsftp.errors.OperationError` becomes an ERROR message with its
+code, anything unexpected is logged and answered with INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio import serve as quic_serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from . import __version__, fs, trust
+from .errors import (
+    BadRequest,
+    ErrorCode,
+    LocalFileError,
+    OperationError,
+    QsftpError,
+    TooLarge,
+    TransportError,
+    UsageError,
+)
+from .protocol import (
+    DataReceived,
+    Event,
+    GetRequested,
+    ListRequested,
+    ProtocolViolation,
+    PutRequested,
+    Role,
+    SessionRequested,
+    StatRequested,
+    TerminateReceived,
+    UploadEnded,
+)
+from .session import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    Channel,
+    QsftpProtocol,
+    cpu_time,
+    event_error,
+    receive_body,
+    send_body,
+)
+from .wire import ALPN, PROTOCOL_VERSION, EntryKind
+
+__all__ = ["DEFAULT_PORT", "DEFAULT_ROOT", "QsftpServer", "main", "serve"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 5000  # the prototype's port, kept
+DEFAULT_ROOT = "received"
+# Largest upload accepted unless the operator says otherwise: 1 TiB, i.e. "no practical limit"
+# while still refusing absurd declared sizes before a byte is written.
+DEFAULT_MAX_FILE_SIZE = 1 << 40
+# A client whose session was refused gets this long to read the ERROR before we close.
+_REJECT_GRACE = 1.0
+_SERVER_NAME = f"qsftp/{__version__}"
+_KINDS = {"file": EntryKind.FILE, "dir": EntryKind.DIR}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class QsftpServer:
+    """A running server (from :func:`serve`)."""
+
+    def __init__(
+        self,
+        *,
+        root: fs.Root,
+        token: str | None,
+        certfile: Path,
+        fingerprint: str,
+        max_file_size: int,
+        tasks: asyncio.TaskGroup,
+    ) -> None:
+        self.root = root
+        self.certfile = certfile
+        self.fingerprint = fingerprint
+        self.max_file_size = max_file_size
+        self.host = ""
+        self.port = 0
+        self._token = token
+        self._tasks = tasks
+        self._running: set[asyncio.Task[None]] = set()
+        self._quic: QuicServer | None = None
+
+    def __repr__(self) -> str:
+        return f"<QsftpServer {self.host}:{self.port} root={self.root.path}>"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 in brackets), for display."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> QsftpProtocol:
+        return _ServerProtocol(quic, stream_handler, server=self)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._tasks.create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def check_token(self, offered: str) -> bool:
+        if not self._token:
+            return True
+        return hmac.compare_digest(offered.encode(), self._token.encode())
+
+    def _close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+        if self._quic is not None:
+            self._quic.close()
+
+
+class _ServerProtocol(QsftpProtocol):
+    role = Role.SERVER
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any, *, server: QsftpServer) -> None:
+        super().__init__(quic, stream_handler)
+        self.server = server
+
+    def handle_event(self, event: Event) -> None:
+        qsftp = self.qsftp
+        match event:
+            case SessionRequested():
+                if event.version != PROTOCOL_VERSION:
+                    self._reject(ErrorCode.BAD_REQUEST, f"unsupported version {event.version}")
+                elif not self.server.check_token(event.token):
+                    text = "invalid token" if event.token else "this server requires a token"
+                    self._reject(ErrorCode.AUTH_FAILED, text)
+                else:
+                    qsftp.accept_session(server=_SERVER_NAME)
+            case TerminateReceived():
+                qsftp.terminate()
+            case PutRequested() | GetRequested() | ListRequested() | StatRequested():
+                channel = self.open_channel(event.stream_id)
+                self.server.spawn(self._run(channel, event))
+            case ProtocolViolation():
+                self._stop_receiving(event.stream_id)
+            case _:
+                logger.debug("ignored %r", event)
+
+    def _reject(self, code: ErrorCode, message: str) -> None:
+        logger.info("session refused: %s", message)
+        self.qsftp.reject_session(code, message)
+        self.loop.call_later(_REJECT_GRACE, self.close, code, message)
+
+    def _stop_receiving(self, stream_id: int) -> None:
+        with contextlib.suppress(ValueError):  # the stream is already gone in aioquic
+            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
+
+    async def _run(self, channel: Channel, request: Event) -> None:
+        stream_id = channel.stream_id
+        try:
+            match request:
+                case PutRequested():
+                    await self._put(channel, request)
+                case GetRequested():
+                    await self._get(channel, request)
+                case ListRequested():
+                    await self._list(channel, request)
+                case StatRequested():
+                    await self._stat(channel, request)
+        except OperationError as exc:
+            logger.info("stream %d: %s: %s", stream_id, type(exc).__name__, exc.message)
+            self._answer_error(stream_id, exc.error_code, exc.message)
+        except TransportError as exc:
+            logger.debug("stream %d: %s", stream_id, exc)
+        except LocalFileError as exc:
+            logger.warning("stream %d: %s", stream_id, exc)
+            self._answer_error(stream_id, ErrorCode.INTERNAL, str(exc))
+        except Exception:
+            logger.exception("stream %d: unexpected failure", stream_id)
+            self._answer_error(stream_id, ErrorCode.INTERNAL, "internal server error")
+        finally:
+            self.close_channel(channel)
+            if self.terminated is None:
+                self.flush()
+
+    def _answer_error(self, stream_id: int, code: int, message: str) -> None:
+        if self.terminated is not None:
+            return
+        self.qsftp.send_error(stream_id, code, message)
+        self._stop_receiving(stream_id)
+
+    async def _put(self, channel: Channel, request: PutRequested) -> None:
+        name = fs.normalize_name(request.name)
+        if request.size > self.server.max_file_size:
+            raise TooLarge(f"{request.size} bytes exceeds the limit of {self.server.max_file_size}")
+        writer = await asyncio.to_thread(self.server.root.create_writer, name, size=request.size)
+        try:
+            cpu_start = cpu_time()
+            event = await channel.next_event()
+            if isinstance(event, DataReceived):
+                event = await receive_body(self, channel, writer.write, first=event.data)
+            if not isinstance(event, UploadEnded):
+                raise event_error(event)
+            digest = await asyncio.to_thread(writer.commit, expected_sha256=event.sha256.hex())
+            logger.info("stored %s (%d bytes)", name, writer.bytes_written)
+            self.qsftp.send_done(
+                channel.stream_id,
+                size=writer.bytes_written,
+                sha256=bytes.fromhex(digest),
+                server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
+            )
+        finally:
+            writer.abort()
+
+    async def _get(self, channel: Channel, request: GetRequested) -> None:
+        name = fs.normalize_name(request.name)
+        chunk_size = request.chunk_size or DEFAULT_CHUNK_SIZE
+        if chunk_size > MAX_CHUNK_SIZE:
+            raise BadRequest(f"chunk size {chunk_size} exceeds {MAX_CHUNK_SIZE}")
+        file, entry = await asyncio.to_thread(self.server.root.open_read, name)
+        with file:
+            cpu_start = cpu_time()
+            self.qsftp.send_file_info(channel.stream_id, entry.size, entry.mtime_ns)
+            self.flush()
+            digest = await send_body(self, channel, file, entry.size, chunk_size)
+        self.qsftp.send_done(
+            channel.stream_id,
+            size=entry.size,
+            sha256=digest,
+            server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
+        )
+        logger.info("sent %s (%d bytes)", name, entry.size)
+
+    async def _list(self, channel: Channel, request: ListRequested) -> None:
+        path = fs.normalize_name(request.path, allow_empty=True)
+        root = self.server.root
+        entries = await asyncio.to_thread(root.listdir, path, recursive=request.recursive)
+        for entry in entries:
+            await self.wait_writable(channel)
+            self._send_entry(channel.stream_id, entry)
+            self.flush()
+        self.qsftp.send_done(channel.stream_id, size=len(entries))
+
+    async def _stat(self, channel: Channel, request: StatRequested) -> None:
+        path = fs.normalize_name(request.path, allow_empty=True)
+        entry = await asyncio.to_thread(self.server.root.stat, path)
+        self._send_entry(channel.stream_id, entry)
+        self.qsftp.send_done(channel.stream_id, size=1)
+
+    def _send_entry(self, stream_id: int, entry: fs.Entry) -> None:
+        self.qsftp.send_entry(
+            stream_id,
+            name=entry.name,
+            kind=_KINDS[entry.kind],
+            size=entry.size,
+            mtime_ns=entry.mtime_ns,
+        )
+
+
+def server_configuration(
+    certfile: Path,
+    keyfile: Path,
+    *,
+    max_datagram_size: int | None = None,
+    congestion_control: str | None = None,
+) -> QuicConfiguration:
+    """The QUIC settings of a qsftp/1 server."""
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    if max_datagram_size is not None:
+        configuration.max_datagram_size = max_datagram_size
+    if congestion_control is not None:
+        configuration.congestion_control_algorithm = congestion_control
+    try:
+        configuration.load_cert_chain(certfile, keyfile)
+    except (OSError, ValueError) as exc:
+        raise LocalFileError(f"cannot load certificate {certfile} / key {keyfile}: {exc}") from exc
+    return configuration
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    root: str | os.PathLike[str] = DEFAULT_ROOT,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    allow_anonymous: bool = False,
+    state_dir: str | os.PathLike[str] | None = None,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    max_datagram_size: int | None = None,
+    congestion_control: str | None = None,
+) -> AsyncIterator[QsftpServer]:
+    """Run a QSFTP server for the duration of the ``async with`` block.
+
+    ``port=0`` picks a free port (read it from ``server.port``). Without ``cert``/``key`` a
+    self-signed certificate is created once in ``state_dir`` (default: the user's state
+    directory) and reused. Listening on a non-loopback address needs a ``token`` unless
+    ``allow_anonymous`` is set.
+    """
+    if not token and not allow_anonymous and not _is_loopback(host):
+        raise UsageError(
+            f"refusing to serve {host} without a token: set one (--token or QSFTP_TOKEN) "
+            "or pass --allow-anonymous"
+        )
+    if (cert is None) != (key is None):
+        raise UsageError("give both a certificate and its key, or neither")
+    if cert is None or key is None:
+        certfile, keyfile = trust.ensure_self_signed(Path(state_dir) if state_dir else None)
+    else:
+        certfile, keyfile = Path(cert), Path(key)
+    configuration = server_configuration(
+        certfile,
+        keyfile,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
+    )
+    fingerprint = trust.fingerprint(trust.load_certificate(certfile))
+    with fs.Root(root) as root_dir:
+        async with asyncio.TaskGroup() as tasks:
+            server = QsftpServer(
+                root=root_dir,
+                token=token,
+                certfile=certfile,
+                fingerprint=fingerprint,
+                max_file_size=max_file_size,
+                tasks=tasks,
+            )
+            try:
+                server._quic = await quic_serve(
+                    host, port, configuration=configuration, create_protocol=server._create_protocol
+                )
+            except OSError as exc:
+                raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            sockname = server._quic._transport.get_extra_info("sockname")
+            server.host, server.port = sockname[0], sockname[1]
+            logger.info("listening on %s, root %s", server.address, root_dir.path)
+            try:
+                yield server
+            finally:
+                server._close()
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qsftp.server", description="Serve a directory over QSFTP (QUIC)."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port (default 5000)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="directory served (./received)")
+    parser.add_argument("--cert", help="certificate (PEM); default: a generated self-signed one")
+    parser.add_argument("--key", help="private key of --cert (PEM)")
+    parser.add_argument("--token", help="required client token (default: $QSFTP_TOKEN)")
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="allow a non-loopback address without a token",
+    )
+    parser.add_argument("--state-dir", help="where the generated certificate is kept")
+    parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
+    return parser
+
+
+def _out(text: str, *, err: bool = False) -> None:
+    """The CLI's only way to print."""
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with serve(
+        args.root,
+        args.host,
+        args.port,
+        token=args.token or os.environ.get("QSFTP_TOKEN") or None,
+        cert=args.cert,
+        key=args.key,
+        allow_anonymous=args.allow_anonymous,
+        state_dir=args.state_dir,
+        max_datagram_size=args.max_datagram_size,
+    ) as server:
+        _out(
+            f"qsftp server ready on {server.address}, root {server.root.path}, "
+            f"certificate sha256:{server.fingerprint}"
+        )
+        await stop.wait()
+    _out("qsftp server stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m qsftp.server``."""
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve_until_signalled(args))
+    except QsftpError as exc:
+        _out(f"qsftp-server: error: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

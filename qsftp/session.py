@@ -1,0 +1,491 @@
+"""The asyncio glue: QUIC events in, qsftp/1 events out, futures resolved, timeouts owned.
+
+This is the only module that touches aioquic's asyncio layer. :class:`QsftpProtocol` feeds
+each QUIC stream event into the sans-I/O :class:`~qsftp.protocol.QsftpConnection`, writes what
+that queues back into QUIC, and routes every operation's events to a :class:`Channel` that one
+coroutine (a client call or a server handler) consumes.
+
+aioquic gives no backpressure in either direction (docs/PERFORMANCE.md, FIELD-NOTES), so this
+module bounds both itself:
+
+- sending: :meth:`QsftpProtocol.wait_writable` waits until the stream's unacknowledged bytes
+  in aioquic's send buffer fall below :data:`SEND_HIGH_WATER`; it is woken after every batch
+  of received datagrams (that is when acknowledgements free the buffer);
+- receiving: flow-control credit is granted as the application *consumes* bytes
+  (:meth:`QsftpProtocol.consumed`), never more than :data:`RECEIVE_WINDOW` ahead of it,
+  instead of aioquic's rule of doubling the window as bytes merely arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.quic import events as quic_events
+from aioquic.quic.connection import QuicConnection
+
+from .errors import (
+    Cancelled,
+    ErrorCode,
+    LocalFileError,
+    QsftpError,
+    RemoteProtocolError,
+    TransportError,
+    error_for_code,
+)
+from .protocol import (
+    DataReceived,
+    Event,
+    OperationFailed,
+    ProtocolViolation,
+    QsftpConnection,
+    Role,
+    StreamAborted,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "IDLE_TIMEOUT",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "READ_BLOCK",
+    "RECEIVE_WINDOW",
+    "SEND_HIGH_WATER",
+    "Channel",
+    "QsftpProtocol",
+    "QuicStats",
+    "cpu_time",
+    "event_error",
+    "receive_body",
+    "send_body",
+]
+
+logger = logging.getLogger(__name__)
+
+# DATA frame payload size when the caller does not choose: large enough that framing and the
+# per-call cost of handing bytes to QUIC are negligible, small enough to keep latency low.
+DEFAULT_CHUNK_SIZE = 64 * 1024
+# Chunk sizes outside this range only measure overhead, or exceed the codec's DATA limit.
+MIN_CHUNK_SIZE = 1
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+# Bytes read from (or written to) disk per call in the worker thread: big enough that the
+# thread hop (~30 µs) is amortised, small enough to bound memory per transfer.
+READ_BLOCK = 1024 * 1024
+# Most bytes queued in aioquic's send buffer for one stream before the sender waits for
+# acknowledgements. aioquic never pushes back itself; 1 MiB covers the bandwidth-delay product
+# of loopback and of a 100 Mbit/s, 80 ms path while bounding memory per stream.
+SEND_HIGH_WATER = 1024 * 1024
+# Flow-control credit granted beyond what the application has consumed on a stream: this is
+# what bounds the receiver's memory when the disk (or the handler) is slower than the network.
+RECEIVE_WINDOW = 2 * 1024 * 1024
+# Credit is raised in steps of at least this much, so MAX_STREAM_DATA frames stay rare.
+_CREDIT_STEP = RECEIVE_WINDOW // 4
+# Every network wait is bounded: an operation that makes no progress for this long fails.
+IDLE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuicStats:
+    """A snapshot of one connection's transport figures."""
+
+    packets_sent: int
+    "QUIC packets sent so far (all packet number spaces)."
+    packets_lost: int
+    "Packets the loss detector declared lost so far."
+    smoothed_rtt_ms: float
+    "Smoothed round-trip time estimate, ms."
+    min_rtt_ms: float
+    "Smallest RTT sample, ms (0 before the first sample)."
+    congestion_window: int
+    "Congestion window, bytes."
+
+
+class Channel:
+    """The events of one operation stream, for the one coroutine that handles it."""
+
+    def __init__(self, protocol: QsftpProtocol, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
+        self._events: collections.deque[Event] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.error: QsftpError | None = None
+
+    def push(self, event: Event) -> None:
+        self._events.append(event)
+        self._wake()
+
+    def fail(self, error: QsftpError) -> None:
+        """Make every later wait on this channel raise ``error``."""
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def pending(self) -> bool:
+        """True when an event is ready without waiting."""
+        return bool(self._events)
+
+    def check(self) -> None:
+        """Raise if the operation already failed (an ERROR, reset or lost connection)."""
+        if self._events and not isinstance(self._events[0], DataReceived):
+            event = self._events[0]
+            if isinstance(event, OperationFailed | StreamAborted | ProtocolViolation):
+                self._events.popleft()
+                raise event_error(event)
+        if self.error is not None:
+            raise self.error
+
+    async def next_event(self, timeout: float = IDLE_TIMEOUT) -> Event:
+        """The next event; raises the channel's error, or TransportError after ``timeout``."""
+        while not self._events:
+            if self.error is not None:
+                raise self.error
+            self._waiter = self.protocol.loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise TransportError(f"no progress for {timeout:.0f} s") from None
+            finally:
+                self._waiter = None
+        return self._events.popleft()
+
+    def take_data(self, first: bytes, limit: int) -> tuple[list[bytes], int]:
+        """``first`` plus the data events queued right behind it, up to ``limit`` bytes."""
+        parts, total = [first], len(first)
+        events = self._events
+        while events and total < limit and isinstance(events[0], DataReceived):
+            data = events.popleft().data  # type: ignore[union-attr]
+            parts.append(data)
+            total += len(data)
+        return parts, total
+
+
+def event_error(event: Event) -> QsftpError:
+    """The exception an operation raises when ``event`` ends it unsuccessfully."""
+    if isinstance(event, OperationFailed):
+        return error_for_code(event.code, event.message)
+    if isinstance(event, StreamAborted):
+        return Cancelled(f"the peer aborted the operation (code {event.error_code})")
+    if isinstance(event, ProtocolViolation):
+        return RemoteProtocolError(event.message)
+    return RemoteProtocolError(f"unexpected {type(event).__name__}")
+
+
+class QsftpProtocol(QuicConnectionProtocol):
+    """One QUIC connection speaking qsftp/1. Subclassed by the client and server glue."""
+
+    role: Role = Role.CLIENT
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.loop = asyncio.get_running_loop()
+        self.qsftp = QsftpConnection(self.role)
+        self.channels: dict[int, Channel] = {}
+        self.terminated: quic_events.ConnectionTerminated | None = None
+        self.transport_error: OSError | None = None
+        self._packets_lost = 0
+        self._writers: dict[int, asyncio.Future[None]] = {}
+        self._consumed: dict[int, int] = {}
+        self._instrument(quic)
+
+    # --- aioquic internals we adjust (one place, documented) --------------------------------
+
+    def _instrument(self, quic: QuicConnection) -> None:
+        """Count lost packets and replace aioquic's receive-credit rule with ours.
+
+        aioquic has no public hook for either; both are instance-level wrappers around private
+        methods of aioquic 1.x, kept here so that nothing else depends on them.
+        """
+        original_lost = quic._loss._on_packets_lost
+        original_limits = quic._write_stream_limits
+
+        def on_packets_lost(*, packets: Iterable[Any], **kwargs: Any) -> None:
+            packets = list(packets)
+            self._packets_lost += len(packets)
+            original_lost(packets=packets, **kwargs)
+
+        def write_stream_limits(*, builder: Any, space: Any, stream: Any) -> None:
+            # aioquic doubles the window whenever the peer has sent half of it, whether or not
+            # we read anything. Hiding the highest offset turns that rule off; our credit is
+            # raised in consumed() instead.
+            receiver = stream.receiver
+            highest, receiver.highest_offset = receiver.highest_offset, 0
+            try:
+                original_limits(builder=builder, space=space, stream=stream)
+            finally:
+                receiver.highest_offset = highest
+
+        quic._loss._on_packets_lost = on_packets_lost
+        quic._write_stream_limits = write_stream_limits
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        """The application has taken ``count`` more bytes of ``stream_id``: grant credit."""
+        total = self._consumed.get(stream_id, 0) + count
+        self._consumed[stream_id] = total
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return
+        target = total + RECEIVE_WINDOW
+        if target - stream.max_stream_data_local >= _CREDIT_STEP:
+            stream.max_stream_data_local = target
+            self._transmit_soon()
+
+    def stats(self) -> QuicStats:
+        """Transport figures of this connection so far."""
+        loss = self._quic._loss
+        min_rtt = loss._rtt_min if loss._rtt_initialized else 0.0
+        return QuicStats(
+            packets_sent=self._quic._packet_number,
+            packets_lost=self._packets_lost,
+            smoothed_rtt_ms=loss._rtt_smoothed * 1000.0,
+            min_rtt_ms=min_rtt * 1000.0,
+            congestion_window=loss.congestion_window,
+        )
+
+    def peer_certificate(self) -> Any:
+        """The server's certificate as seen in the handshake (client side), or None."""
+        return getattr(self._quic.tls, "_peer_certificate", None)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand what the protocol queued to QUIC and schedule a transmit."""
+        quic = self._quic
+        for stream_id, data, end_stream in self.qsftp.data_to_send():
+            try:
+                quic.send_stream_data(stream_id, data, end_stream)
+            except RuntimeError:
+                # The peer reset the stream (STOP_SENDING) after we queued: the bytes have no
+                # reader any more, and the operation learns of it through its channel.
+                logger.debug("stream %d: dropped %d bytes after reset", stream_id, len(data))
+        self._transmit_soon()
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes queued for ``stream_id`` in aioquic and not yet acknowledged."""
+        stream = self._quic._streams.get(stream_id)
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    async def wait_writable(self, channel: Channel) -> None:
+        """Wait until ``channel``'s stream has room below SEND_HIGH_WATER."""
+        stream_id = channel.stream_id
+        while self.buffered(stream_id) >= SEND_HIGH_WATER:
+            channel.check()
+            waiter = self._writers[stream_id] = self.loop.create_future()
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    await waiter
+            except TimeoutError:
+                raise TransportError(f"no acknowledgement for {IDLE_TIMEOUT:.0f} s") from None
+            finally:
+                self._writers.pop(stream_id, None)
+        channel.check()
+
+    def _wake_writers(self) -> None:
+        for stream_id, waiter in list(self._writers.items()):
+            if waiter.done():
+                continue
+            channel = self.channels.get(stream_id)
+            failed = channel is None or channel.error is not None or channel.pending()
+            if failed or self.buffered(stream_id) < SEND_HIGH_WATER // 2:
+                waiter.set_result(None)
+
+    def transmit(self) -> None:
+        super().transmit()
+        if self._writers:
+            self._wake_writers()
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def quic_event_received(self, event: quic_events.QuicEvent) -> None:
+        try:
+            if isinstance(event, quic_events.StreamDataReceived):
+                self._dispatch(self.qsftp.receive(event.stream_id, event.data, event.end_stream))
+            elif isinstance(event, quic_events.StreamReset | quic_events.StopSendingReceived):
+                self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
+            elif isinstance(event, quic_events.ConnectionTerminated):
+                self._connection_lost(event)
+        except RemoteProtocolError as exc:
+            logger.warning("closing connection: %s", exc)
+            self.close(error_code=ErrorCode.BAD_REQUEST, reason_phrase=str(exc))
+            return
+        self.flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            stream_id = getattr(event, "stream_id", None)
+            channel = self.channels.get(stream_id) if stream_id is not None else None
+            if channel is not None:
+                channel.push(event)
+            else:
+                self.handle_event(event)
+
+    def handle_event(self, event: Event) -> None:
+        """An event no channel claimed (session events, new requests). Overridden."""
+        logger.debug("ignored %r", event)
+
+    def _connection_lost(self, event: quic_events.ConnectionTerminated) -> None:
+        self.terminated = event
+        error = TransportError(self.termination_text())
+        for channel in self.channels.values():
+            channel.fail(error)
+        for waiter in self._writers.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def termination_text(self) -> str:
+        """Why the connection ended, for humans."""
+        if self.transport_error is not None:
+            return f"connection failed: {self.transport_error.strerror or self.transport_error}"
+        event = self.terminated
+        if event is None:
+            return "connection closed"
+        reason = f": {event.reason_phrase}" if event.reason_phrase else ""
+        return f"connection closed (code {event.error_code}){reason}"
+
+    def error_received(self, exc: OSError) -> None:
+        # A connected UDP socket reports ICMP errors (port unreachable → ECONNREFUSED) here:
+        # fail at once instead of waiting for the handshake to time out.
+        logger.debug("socket error: %s", exc)
+        self.transport_error = exc
+        self._quic._close_event = quic_events.ConnectionTerminated(
+            error_code=0, frame_type=None, reason_phrase=str(exc)
+        )
+        self._quic._close_end()
+        self._process_events()
+
+    # --- channels ---------------------------------------------------------------------------
+
+    def open_channel(self, stream_id: int) -> Channel:
+        channel = self.channels[stream_id] = Channel(self, stream_id)
+        if self.terminated is not None:
+            channel.fail(TransportError(self.termination_text()))
+        return channel
+
+    def close_channel(self, channel: Channel, *, abort: bool = False) -> None:
+        """Forget ``channel``; with ``abort``, reset the stream both ways (QUIC code CANCELLED)."""
+        stream_id = channel.stream_id
+        self.channels.pop(stream_id, None)
+        self._consumed.pop(stream_id, None)
+        if abort and self.terminated is None:
+            self.qsftp.reset_stream(stream_id)
+            try:
+                self._quic.reset_stream(stream_id, ErrorCode.CANCELLED)
+                self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
+            except ValueError:
+                pass  # already discarded by aioquic: nothing left to stop
+            self._transmit_soon()
+
+
+def _read_block(file: BinaryIO, hasher: Any, size: int) -> bytes:
+    data = file.read(size)
+    hasher.update(data)
+    return data
+
+
+async def send_body(
+    protocol: QsftpProtocol,
+    channel: Channel,
+    file: BinaryIO,
+    size: int,
+    chunk_size: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> bytes:
+    """Send exactly ``size`` bytes of ``file`` as DATA frames; return their SHA-256.
+
+    Disk reads and hashing run in a worker thread, one block ahead of the network.
+    """
+    hasher = hashlib.sha256()
+    stream_id = channel.stream_id
+    remaining = size
+    pending: asyncio.Future[bytes] | None = None
+    if remaining:
+        pending = asyncio.ensure_future(
+            asyncio.to_thread(_read_block, file, hasher, min(READ_BLOCK, remaining))
+        )
+    try:
+        while pending is not None:
+            block = await pending
+            pending = None
+            if not block:
+                raise LocalFileError("the file shrank while it was being sent")
+            remaining -= len(block)
+            if remaining:
+                pending = asyncio.ensure_future(
+                    asyncio.to_thread(_read_block, file, hasher, min(READ_BLOCK, remaining))
+                )
+            view = memoryview(block)
+            for offset in range(0, len(view), chunk_size):
+                await protocol.wait_writable(channel)
+                piece = view[offset : offset + chunk_size]
+                protocol.qsftp.send_data(stream_id, piece)
+                protocol.flush()
+                if progress is not None:
+                    progress(len(piece))
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+    return hasher.digest()
+
+
+async def receive_body(
+    protocol: QsftpProtocol,
+    channel: Channel,
+    write: Callable[[bytes], None],
+    *,
+    first: bytes,
+    progress: Callable[[int], None] | None = None,
+) -> Event:
+    """Write DATA bytes with ``write`` (in a worker thread) until a non-data event comes.
+
+    ``first`` is the data of the DataReceived event that started the body. Returns the event
+    that ended it. At most one write is in flight while the next batch gathers, and credit is
+    granted to the peer only as writes complete.
+    """
+    in_flight: asyncio.Future[None] | None = None
+    in_flight_size = 0
+    data: bytes | None = first
+    try:
+        while True:
+            if data is not None:
+                parts, total = channel.take_data(data, READ_BLOCK)
+                blob = parts[0] if len(parts) == 1 else b"".join(parts)
+                if in_flight is not None:
+                    await in_flight
+                    protocol.consumed(channel.stream_id, in_flight_size)
+                    if progress is not None:
+                        progress(in_flight_size)
+                in_flight = asyncio.ensure_future(asyncio.to_thread(write, blob))
+                in_flight_size = total
+            event = await channel.next_event()
+            if isinstance(event, DataReceived):
+                data = event.data
+                continue
+            if in_flight is not None:
+                await in_flight
+                in_flight = None
+                protocol.consumed(channel.stream_id, in_flight_size)
+                if progress is not None:
+                    progress(in_flight_size)
+            return event
+    finally:
+        if in_flight is not None:
+            # Let a started write finish before the caller aborts the file under it.
+            await asyncio.gather(in_flight, return_exceptions=True)
+
+
+def cpu_time() -> float:
+    """CPU seconds used by this process (user + system)."""
+    return time.process_time()
