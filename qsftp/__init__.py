@@ -1,36 +1,52 @@
 """QSFTP: secure, fast file transfer over QUIC, and a lab to measure it.
 
 The names below are the public API; ``python -m qsftp.server`` and ``python -m qsftp.client``
-are the command-line tools.
+are the command-line tools. Names load lazily, so ``import qsftp.wire`` (the sans-I/O codec)
+does not drag in asyncio, aioquic or pandas.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .client import Connection, TransferResult, connect, download, listdir, upload
-from .errors import (
-    AuthFailed,
-    BadPath,
-    BadRequest,
-    Busy,
-    Cancelled,
-    ChecksumMismatch,
-    ConnectTimeout,
-    ErrorCode,
-    InternalError,
-    LocalFileError,
-    LocalProtocolError,
-    NoSpace,
-    NotFound,
-    OperationError,
-    QsftpError,
-    RemoteProtocolError,
-    TooLarge,
-    TransportError,
-    TrustError,
-    UsageError,
-)
-from .fs import Entry
-from .server import QsftpServer, serve
+if TYPE_CHECKING:
+    from .client import Connection, TransferResult, connect, download, listdir, upload
+    from .errors import (
+        AuthFailed,
+        BadPath,
+        BadRequest,
+        Busy,
+        Cancelled,
+        ChecksumMismatch,
+        ConnectTimeout,
+        ErrorCode,
+        InternalError,
+        LocalFileError,
+        LocalProtocolError,
+        NoSpace,
+        NotFound,
+        OperationError,
+        QsftpError,
+        RemoteProtocolError,
+        TooLarge,
+        TransportError,
+        TrustError,
+        UsageError,
+    )
+    from .experiment import load_results, save_results, summarize, sweep
+    from .fs import Entry
+    from .plots import (
+        plot_chunk_size,
+        plot_distribution,
+        plot_heatmap,
+        plot_overview,
+        plot_sizes,
+        save_figure,
+    )
+    from .server import QsftpServer, serve
 
 __all__ = [
     "AuthFailed",
@@ -61,6 +77,72 @@ __all__ = [
     "connect",
     "download",
     "listdir",
+    "load_results",
+    "plot_chunk_size",
+    "plot_distribution",
+    "plot_heatmap",
+    "plot_overview",
+    "plot_sizes",
+    "save_figure",
+    "save_results",
     "serve",
+    "summarize",
+    "sweep",
     "upload",
 ]
+
+# public name -> module that defines it (tests check it matches __all__)
+_EXPORTS: dict[str, str] = {
+    "Connection": "client",
+    "TransferResult": "client",
+    "connect": "client",
+    "download": "client",
+    "listdir": "client",
+    "upload": "client",
+    "AuthFailed": "errors",
+    "BadPath": "errors",
+    "BadRequest": "errors",
+    "Busy": "errors",
+    "Cancelled": "errors",
+    "ChecksumMismatch": "errors",
+    "ConnectTimeout": "errors",
+    "ErrorCode": "errors",
+    "InternalError": "errors",
+    "LocalFileError": "errors",
+    "LocalProtocolError": "errors",
+    "NoSpace": "errors",
+    "NotFound": "errors",
+    "OperationError": "errors",
+    "QsftpError": "errors",
+    "RemoteProtocolError": "errors",
+    "TooLarge": "errors",
+    "TransportError": "errors",
+    "TrustError": "errors",
+    "UsageError": "errors",
+    "Entry": "fs",
+    "QsftpServer": "server",
+    "serve": "server",
+    "load_results": "experiment",
+    "save_results": "experiment",
+    "summarize": "experiment",
+    "sweep": "experiment",
+    "plot_chunk_size": "plots",
+    "plot_distribution": "plots",
+    "plot_heatmap": "plots",
+    "plot_overview": "plots",
+    "plot_sizes": "plots",
+    "save_figure": "plots",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qsftp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -64,6 +64,7 @@ from .session import (
     Channel,
     QsftpProtocol,
     QuicStats,
+    consume_result,
     cpu_time,
     event_error,
     receive_body,
@@ -156,6 +157,8 @@ class _ClientProtocol(QsftpProtocol):
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
         self.session: asyncio.Future[SessionAccepted] = self.loop.create_future()
+        # connect() may give up before awaiting the session (trust failure, timeout).
+        self.session.add_done_callback(consume_result)
         self.terminate_answered = asyncio.Event()
 
     def handle_event(self, event: Event) -> None:
@@ -505,9 +508,16 @@ async def connect(
     )
     quic = QuicConnection(configuration=configuration)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _ClientProtocol(quic), remote_addr=addr, family=family
-    )
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(addr)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _ClientProtocol(quic), sock=sock
+        )
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot reach {host}:{port}: {exc.strerror}") from exc
     try:
         started = time.perf_counter()
         protocol.connect(addr)
@@ -515,6 +525,7 @@ async def connect(
             async with asyncio.timeout(timeout):
                 await protocol.wait_connected()
         except TimeoutError:
+            protocol.abandon_connect_waiter()
             raise ConnectTimeout(
                 f"no answer from {host}:{port} within {timeout:g} s (is a qsftp server running?)"
             ) from None

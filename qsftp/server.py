@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio import serve as quic_serve
 from aioquic.asyncio.server import QuicServer
+from aioquic.asyncio.server import serve as quic_serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
@@ -43,6 +43,7 @@ from .protocol import (
     ListRequested,
     ProtocolViolation,
     PutRequested,
+    RequestState,
     Role,
     SessionRequested,
     StatRequested,
@@ -74,6 +75,7 @@ DEFAULT_MAX_FILE_SIZE = 1 << 40
 _REJECT_GRACE = 1.0
 _SERVER_NAME = f"qsftp/{__version__}"
 _KINDS = {"file": EntryKind.FILE, "dir": EntryKind.DIR}
+_REQUEST_OPEN = frozenset({RequestState.IDLE, RequestState.BODY, RequestState.ENDED})
 
 
 def _is_loopback(host: str) -> bool:
@@ -96,7 +98,6 @@ class QsftpServer:
         certfile: Path,
         fingerprint: str,
         max_file_size: int,
-        tasks: asyncio.TaskGroup,
     ) -> None:
         self.root = root
         self.certfile = certfile
@@ -105,8 +106,9 @@ class QsftpServer:
         self.host = ""
         self.port = 0
         self._token = token
-        self._tasks = tasks
+        self._tasks: asyncio.TaskGroup | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
         self._quic: QuicServer | None = None
 
     def __repr__(self) -> str:
@@ -122,20 +124,35 @@ class QsftpServer:
         return _ServerProtocol(quic, stream_handler, server=self)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run an operation handler in the server's TaskGroup."""
+        if self._tasks is None or self._stopping.is_set():
+            coro.close()
+            return
         task = self._tasks.create_task(coro)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _supervise(self, ready: asyncio.Future[None]) -> None:
+        # The handler TaskGroup lives in a task of its own, so that an exception raised in the
+        # body of ``async with serve()`` reaches the caller as it is, not wrapped in a group.
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            ready.set_result(None)
+            await self._stopping.wait()
+            for task in list(self._running):
+                task.cancel()
 
     def check_token(self, offered: str) -> bool:
         if not self._token:
             return True
         return hmac.compare_digest(offered.encode(), self._token.encode())
 
-    def _close(self) -> None:
-        for task in list(self._running):
-            task.cancel()
+    async def _close(self, supervisor: asyncio.Task[None]) -> None:
         if self._quic is not None:
             self._quic.close()
+        self._stopping.set()
+        await supervisor
+        await asyncio.sleep(0)  # let the transport release the port before we return
 
 
 class _ServerProtocol(QsftpProtocol):
@@ -206,8 +223,10 @@ class _ServerProtocol(QsftpProtocol):
     def _answer_error(self, stream_id: int, code: int, message: str) -> None:
         if self.terminated is not None:
             return
+        request_open = self.qsftp.request_state(stream_id) in _REQUEST_OPEN
         self.qsftp.send_error(stream_id, code, message)
-        self._stop_receiving(stream_id)
+        if request_open:  # the client is still sending: tell it to stop
+            self._stop_receiving(stream_id)
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
@@ -338,28 +357,30 @@ async def serve(
     )
     fingerprint = trust.fingerprint(trust.load_certificate(certfile))
     with fs.Root(root) as root_dir:
-        async with asyncio.TaskGroup() as tasks:
-            server = QsftpServer(
-                root=root_dir,
-                token=token,
-                certfile=certfile,
-                fingerprint=fingerprint,
-                max_file_size=max_file_size,
-                tasks=tasks,
+        server = QsftpServer(
+            root=root_dir,
+            token=token,
+            certfile=certfile,
+            fingerprint=fingerprint,
+            max_file_size=max_file_size,
+        )
+        try:
+            server._quic = await quic_serve(
+                host, port, configuration=configuration, create_protocol=server._create_protocol
             )
-            try:
-                server._quic = await quic_serve(
-                    host, port, configuration=configuration, create_protocol=server._create_protocol
-                )
-            except OSError as exc:
-                raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-            sockname = server._quic._transport.get_extra_info("sockname")
-            server.host, server.port = sockname[0], sockname[1]
-            logger.info("listening on %s, root %s", server.address, root_dir.path)
-            try:
-                yield server
-            finally:
-                server._close()
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        assert server._quic._transport is not None  # set by create_datagram_endpoint
+        sockname = server._quic._transport.get_extra_info("sockname")
+        server.host, server.port = sockname[0], sockname[1]
+        ready = asyncio.get_running_loop().create_future()
+        supervisor = asyncio.create_task(server._supervise(ready))
+        await ready
+        logger.info("listening on %s, root %s", server.address, root_dir.path)
+        try:
+            yield server
+        finally:
+            await server._close(supervisor)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -382,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--state-dir", help="where the generated certificate is kept")
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    parser.add_argument(
+        "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     return parser
 
@@ -406,6 +430,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         allow_anonymous=args.allow_anonymous,
         state_dir=args.state_dir,
         max_datagram_size=args.max_datagram_size,
+        congestion_control=args.congestion_control,
     ) as server:
         _out(
             f"qsftp server ready on {server.address}, root {server.root.path}, "

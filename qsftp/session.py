@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
 
@@ -61,6 +61,7 @@ __all__ = [
     "Channel",
     "QsftpProtocol",
     "QuicStats",
+    "consume_result",
     "cpu_time",
     "event_error",
     "receive_body",
@@ -164,10 +165,13 @@ class Channel:
         """``first`` plus the data events queued right behind it, up to ``limit`` bytes."""
         parts, total = [first], len(first)
         events = self._events
-        while events and total < limit and isinstance(events[0], DataReceived):
-            data = events.popleft().data  # type: ignore[union-attr]
-            parts.append(data)
-            total += len(data)
+        while events and total < limit:
+            event = events[0]
+            if not isinstance(event, DataReceived):
+                break
+            events.popleft()
+            parts.append(event.data)
+            total += len(event.data)
         return parts, total
 
 
@@ -226,8 +230,8 @@ class QsftpProtocol(QuicConnectionProtocol):
             finally:
                 receiver.highest_offset = highest
 
-        quic._loss._on_packets_lost = on_packets_lost
-        quic._write_stream_limits = write_stream_limits
+        quic._loss._on_packets_lost = on_packets_lost  # type: ignore[method-assign]
+        quic._write_stream_limits = write_stream_limits  # type: ignore[method-assign,assignment]
 
     def consumed(self, stream_id: int, count: int) -> None:
         """The application has taken ``count`` more bytes of ``stream_id``: grant credit."""
@@ -252,6 +256,13 @@ class QsftpProtocol(QuicConnectionProtocol):
             min_rtt_ms=min_rtt * 1000.0,
             congestion_window=loss.congestion_window,
         )
+
+    def abandon_connect_waiter(self) -> None:
+        """After a timed-out ``wait_connected``: aioquic still fails its (shielded) waiter when
+        the connection closes; mark that failure as seen so asyncio does not log it."""
+        waiter = self._connected_waiter
+        if waiter is not None:
+            waiter.add_done_callback(consume_result)
 
     def peer_certificate(self) -> Any:
         """The server's certificate as seen in the handshake (client side), or None."""
@@ -311,8 +322,13 @@ class QsftpProtocol(QuicConnectionProtocol):
         try:
             if isinstance(event, quic_events.StreamDataReceived):
                 self._dispatch(self.qsftp.receive(event.stream_id, event.data, event.end_stream))
-            elif isinstance(event, quic_events.StreamReset | quic_events.StopSendingReceived):
+            elif isinstance(event, quic_events.StreamReset):
                 self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
+            elif isinstance(event, quic_events.StopSendingReceived):
+                # A server stops our upload only after its ERROR, which is the answer the
+                # client waits for; a client that stops a server's response abandons it.
+                if self.role is Role.SERVER:
+                    self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
             elif isinstance(event, quic_events.ConnectionTerminated):
                 self._connection_lost(event)
         except RemoteProtocolError as exc:
@@ -353,11 +369,11 @@ class QsftpProtocol(QuicConnectionProtocol):
         reason = f": {event.reason_phrase}" if event.reason_phrase else ""
         return f"connection closed (code {event.error_code}){reason}"
 
-    def error_received(self, exc: OSError) -> None:
+    def error_received(self, exc: Exception) -> None:
         # A connected UDP socket reports ICMP errors (port unreachable → ECONNREFUSED) here:
         # fail at once instead of waiting for the handshake to time out.
         logger.debug("socket error: %s", exc)
-        self.transport_error = exc
+        self.transport_error = exc if isinstance(exc, OSError) else OSError(str(exc))
         self._quic._close_event = quic_events.ConnectionTerminated(
             error_code=0, frame_type=None, reason_phrase=str(exc)
         )
@@ -484,6 +500,12 @@ async def receive_body(
         if in_flight is not None:
             # Let a started write finish before the caller aborts the file under it.
             await asyncio.gather(in_flight, return_exceptions=True)
+
+
+def consume_result(future: asyncio.Future[Any]) -> None:
+    """A done-callback that marks a future's exception as retrieved (nobody else will)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def cpu_time() -> float:

@@ -1,0 +1,683 @@
+"""Transfer sweeps into tidy pandas frames, and ``python -m qsftp.experiment``.
+
+``df = await sweep(sizes=["64KB", "1MB"], chunk_sizes=[1024, 65536], repeats=3)`` runs every
+configuration (sizes × chunk sizes × the other dimensions × directions) ``repeats`` times in
+a shuffled order whose seed is recorded, after one warm-up transfer, and returns one row per
+transfer. Without ``target`` it starts a QSFTP server in a separate process (so client and
+server do not share one core), with its own temporary root and certificate, and stops it
+afterwards. docs/MEASUREMENT.md says exactly what every column measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import itertools
+import json
+import logging
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import __version__
+from .client import connect
+from .errors import QsftpError, TransportError, UsageError
+from .session import DEFAULT_CHUNK_SIZE
+
+__all__ = [
+    "COLUMNS",
+    "SCHEMA_VERSION",
+    "Target",
+    "cache_dir",
+    "collect_metadata",
+    "load_results",
+    "main",
+    "parse_size",
+    "save_results",
+    "summarize",
+    "sweep",
+    "test_file",
+]
+
+logger = logging.getLogger(__name__)
+
+# Bumped whenever a column changes meaning; stored with every saved result.
+SCHEMA_VERSION = 1
+# Above this share of the transfer's wall time spent on a CPU, the figure measures Python on
+# that side rather than the network (iperf3 reports CPU use for the same reason).
+CPU_BOUND_SHARE = 0.9
+# How long the embedded server may take to print its ready line.
+_SERVER_START_TIMEOUT = 30.0
+# Test files are written in blocks of this size, so a large file never sits in memory.
+_GENERATE_BLOCK = 1 << 20
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+
+# Every column of a sweep frame, in order (docs/MEASUREMENT.md describes each).
+COLUMNS = [
+    "run_id",
+    "timestamp",
+    "direction",
+    "file_size_bytes",
+    "chunk_size_bytes",
+    "max_datagram_size",
+    "congestion_control",
+    "connection",
+    "repeat",
+    "warmup",
+    "seconds",
+    "throughput_mbps",
+    "handshake_ms",
+    "verified",
+    "sha256",
+    "smoothed_rtt_ms",
+    "packets_sent",
+    "packets_lost",
+    "client_cpu_s",
+    "server_cpu_s",
+    "cpu_bound",
+    "error",
+]
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string: "64KB" = 64 000 (SI), "64KiB" = 65 536 (binary)."""
+    if isinstance(size, int):
+        if size < 0:
+            raise UsageError(f"negative size {size}")
+        return size
+    match = _SIZE_RE.match(size)
+    unit = (match.group(2) or "").lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"cannot read size {size!r} (try 65536, '64KB' or '64KiB')")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def cache_dir() -> Path:
+    """Where generated test files are kept: $QSFTP_CACHE_DIR, else the user's cache dir."""
+    if override := os.environ.get("QSFTP_CACHE_DIR"):
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qsftp" / "files"
+
+
+def test_file(size: int, *, seed: int = 0, directory: Path | None = None) -> Path:
+    """A file of exactly ``size`` seeded pseudo-random bytes, generated once and cached."""
+    directory = directory or cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"qsftp-{size}-seed{seed}.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    rng = random.Random(f"qsftp-{seed}-{size}")
+    temp = directory / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temp, "wb") as out:
+            remaining = size
+            while remaining:
+                block = min(_GENERATE_BLOCK, remaining)
+                out.write(rng.randbytes(block))
+                remaining -= block
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+test_file.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """A server to measure against, and how to connect to it."""
+
+    host: str
+    "Address of the server."
+    port: int
+    "UDP port."
+    options: Mapping[str, Any] = field(default_factory=dict)
+    "Extra keyword arguments for :func:`qsftp.connect` (token, cafile, pin, ...)."
+    embedded: bool = False
+    "True when the sweep started this server itself."
+
+
+# --- the embedded server --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _embedded_server(
+    workdir: Path, *, max_datagram_size: int | None, congestion_control: str | None
+) -> AsyncIterator[tuple[Target, int]]:
+    """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
+    and PID, and ends it (by its PID) afterwards."""
+    name = f"{max_datagram_size or 'default'}-{congestion_control or 'default'}"
+    root, state = workdir / f"root-{name}", workdir / f"state-{name}"
+    command = [
+        sys.executable,
+        "-m",
+        "qsftp.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--root",
+        str(root),
+        "--state-dir",
+        str(state),
+    ]
+    if max_datagram_size is not None:
+        command += ["--max-datagram-size", str(max_datagram_size)]
+    if congestion_control is not None:
+        command += ["--congestion-control", congestion_control]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), _SERVER_START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        match = re.search(rb"ready on (\S+):(\d+),.*sha256:([0-9a-f]{64})", line)
+        if match is None:
+            err = b""
+            if process.stderr is not None and process.returncode is not None:
+                err = await process.stderr.read()
+            raise TransportError(
+                f"embedded server did not start: {(line + err).decode(errors='replace').strip()}"
+            )
+        target = Target(
+            host=match.group(1).decode(),
+            port=int(match.group(2)),
+            options={"pin": match.group(3).decode()},
+            embedded=True,
+        )
+        yield target, process.pid
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def collect_metadata() -> dict[str, Any]:
+    """Facts about this machine and software, stored with every result."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "qsftp_version": __version__,
+        "aioquic_version": _version("aioquic"),
+        "python_version": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "pandas_version": pd.__version__,
+        "event_loop": type(asyncio.get_event_loop_policy()).__module__,
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# --- the sweep ------------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def _target(target: Any) -> Target:
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, Mapping):
+        options = {k: v for k, v in target.items() if k not in ("host", "port")}
+        return Target(host=target["host"], port=int(target["port"]), options=options)
+    host, port, *rest = target
+    options = dict(rest[0]) if rest else {}
+    return Target(host=host, port=int(port), options=options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    direction: str
+    size: int
+    chunk_size: int
+    max_datagram_size: int | None
+    congestion_control: str | None
+
+
+def _row(
+    run_id: str, config: _Config, repeat: int, warmup: bool, connection: str
+) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(
+        run_id=run_id,
+        direction=config.direction,
+        file_size_bytes=config.size,
+        chunk_size_bytes=config.chunk_size,
+        max_datagram_size=config.max_datagram_size,
+        congestion_control=config.congestion_control,
+        connection=connection,
+        repeat=repeat,
+        warmup=warmup,
+        verified=False,
+        cpu_bound=False,
+        error="",
+    )
+    return row
+
+
+async def _measure(
+    target: Target,
+    config: _Config,
+    *,
+    local: Path,
+    remote: str,
+    row: dict[str, Any],
+    workdir: Path,
+) -> None:
+    """One transfer on a new connection; fills ``row`` (or its ``error``)."""
+    options = dict(target.options)
+    if config.max_datagram_size is not None:
+        options["max_datagram_size"] = config.max_datagram_size
+    if config.congestion_control is not None:
+        options["congestion_control"] = config.congestion_control
+    try:
+        async with connect(target.host, target.port, **options) as conn:
+            if config.direction == "upload":
+                result = await conn.upload(local, remote, chunk_size=config.chunk_size)
+            else:
+                dest = workdir / f"download-{uuid.uuid4().hex[:8]}.bin"
+                try:
+                    result = await conn.download(remote, dest, chunk_size=config.chunk_size)
+                finally:
+                    dest.unlink(missing_ok=True)
+    except QsftpError as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        logger.info("transfer failed: %s", row["error"])
+        return
+    seconds = result.seconds
+    row.update(
+        timestamp=result.started_at,
+        seconds=seconds,
+        throughput_mbps=result.size * 8 / seconds / 1e6 if seconds > 0 else float("nan"),
+        handshake_ms=result.handshake_ms,
+        verified=result.verified,
+        sha256=result.sha256,
+        smoothed_rtt_ms=result.smoothed_rtt_ms,
+        packets_sent=result.packets_sent,
+        packets_lost=result.packets_lost,
+        client_cpu_s=result.client_cpu_s,
+        server_cpu_s=result.server_cpu_s,
+        max_datagram_size=result.max_datagram_size,
+        congestion_control=result.congestion_control,
+        cpu_bound=seconds > 0
+        and max(result.client_cpu_s, result.server_cpu_s) > CPU_BOUND_SHARE * seconds,
+    )
+
+
+async def sweep(
+    sizes: Sequence[int | str] = ("64KB", "1MB", "16MB"),
+    chunk_sizes: Sequence[int] = (DEFAULT_CHUNK_SIZE,),
+    repeats: int = 3,
+    direction: str = "upload",
+    *,
+    target: Any = None,
+    max_datagram_size: int | Sequence[int | None] | None = None,
+    congestion_control: str | Sequence[str | None] | None = None,
+    warmup: bool = True,
+    seed: int | None = None,
+    file_seed: int = 0,
+    progress: bool = True,
+    files_dir: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Run every configuration ``repeats`` times and return one row per transfer.
+
+    ``direction`` is "upload", "download" or "both". ``target`` is ``(host, port)``,
+    ``(host, port, {connect options})``, a mapping with host/port/options, or None for an
+    embedded server in a child process. ``max_datagram_size`` and ``congestion_control``
+    may be lists: they become dimensions. The shuffle ``seed`` (random when None) is stored in
+    ``df.attrs`` so a run can be repeated in the same order.
+    """
+    directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
+    if direction not in directions:
+        raise UsageError(f"direction must be upload, download or both, not {direction!r}")
+    if repeats < 1:
+        raise UsageError("repeats must be at least 1")
+    byte_sizes = [parse_size(s) for s in _as_list(sizes)]
+    chunks = [int(c) for c in _as_list(chunk_sizes)]
+    datagrams = _as_list(max_datagram_size)
+    algorithms = _as_list(congestion_control)
+    configs = [
+        _Config(d, s, c, m, a)
+        for d, s, c, m, a in itertools.product(
+            directions[direction], byte_sizes, chunks, datagrams, algorithms
+        )
+    ]
+    seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
+    order = [(config, repeat) for config in configs for repeat in range(repeats)]
+    random.Random(seed).shuffle(order)
+    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    files = Path(files_dir) if files_dir is not None else None
+    local = {size: test_file(size, seed=file_seed, directory=files) for size in byte_sizes}
+    rows: list[dict[str, Any]] = []
+    connection = "new"  # every transfer opens its own connection (handshake_ms is its own)
+
+    with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
+        workdir = Path(tmp)
+        async with contextlib.AsyncExitStack() as stack:
+            servers: dict[tuple[int | None, str | None], Target] = {}
+            for key in {(c.max_datagram_size, c.congestion_control) for c in configs}:
+                if target is None:
+                    server, _pid = await stack.enter_async_context(
+                        _embedded_server(
+                            workdir, max_datagram_size=key[0], congestion_control=key[1]
+                        )
+                    )
+                    servers[key] = server
+                else:
+                    servers[key] = _target(target)
+
+            def remote_name(size: int) -> str:
+                return f"qsftp-sweep/{size}-seed{file_seed}.bin"
+
+            # Downloads need the file on the server: put it there first (not measured).
+            if "download" in directions[direction]:
+                for key, server in servers.items():
+                    for size in byte_sizes:
+                        setup = _row(run_id, configs[0], -1, True, connection)
+                        cfg = _Config("upload", size, DEFAULT_CHUNK_SIZE, *key)
+                        await _measure(
+                            server,
+                            cfg,
+                            local=local[size],
+                            remote=remote_name(size),
+                            row=setup,
+                            workdir=workdir,
+                        )
+                        if setup["error"]:
+                            raise TransportError(f"could not place test file: {setup['error']}")
+
+            bar = tqdm(
+                total=len(order) + (1 if warmup else 0),
+                desc="qsftp sweep",
+                unit="transfer",
+                disable=not progress,
+            )
+            with bar:
+                plan = [(order[0][0], -1, True)] if warmup else []
+                plan += [(config, repeat, False) for config, repeat in order]
+                for config, repeat, is_warmup in plan:
+                    row = _row(run_id, config, repeat, is_warmup, connection)
+                    server = servers[(config.max_datagram_size, config.congestion_control)]
+                    name = remote_name(config.size)
+                    await _measure(
+                        server,
+                        config,
+                        local=local[config.size],
+                        remote=name,
+                        row=row,
+                        workdir=workdir,
+                    )
+                    rows.append(row)
+                    bar.update(1)
+
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame.attrs.update(collect_metadata())
+    frame.attrs.update(
+        run_id=run_id,
+        shuffle_seed=seed,
+        file_seed=file_seed,
+        repeats=repeats,
+        warmup=warmup,
+        target="embedded" if target is None else f"{servers[next(iter(servers))].host}",
+        connection=connection,
+    )
+    return frame
+
+
+# --- saving and loading ---------------------------------------------------------------------
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".meta.json")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415 - optional until Parquet is asked for
+
+        raw = pq.read_schema(path).metadata or {}
+        text = raw.get(b"qsftp", b"{}")
+        return dict(json.loads(text))
+    sidecar = _sidecar(path)
+    return dict(json.loads(sidecar.read_text())) if sidecar.exists() else {}
+
+
+def _merge_attrs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """attrs for a file holding several runs: the newest run's facts, plus every run's."""
+    runs = list(old.get("runs", [])) or ([_plain(old)] if old else [])
+    runs.append(_plain(new))
+    merged = dict(new)
+    merged["runs"] = runs
+    return merged
+
+
+def _plain(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k != "runs"}
+
+
+def save_results(df: pd.DataFrame, path: str | os.PathLike[str], *, append: bool = False) -> Path:
+    """Write ``df`` to CSV (metadata in ``<path>.meta.json``) or Parquet (metadata inside).
+
+    With ``append`` the rows are added to an existing file and every run's metadata is kept
+    under ``attrs["runs"]``.
+    """
+    out = Path(path)
+    if out.suffix not in (".csv", ".parquet"):
+        raise UsageError(f"save as .csv or .parquet, not {out.suffix or 'no suffix'}")
+    attrs = dict(df.attrs)
+    if append and out.exists():
+        old = load_results(out)
+        attrs = _merge_attrs(dict(old.attrs), attrs)
+        df = pd.concat([old, df], ignore_index=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(attrs, default=str, sort_keys=True)
+    if out.suffix == ".parquet":
+        import pyarrow as pa  # noqa: PLC0415
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        schema_meta = dict(table.schema.metadata or {})
+        schema_meta[b"qsftp"] = meta.encode()
+        pq.write_table(table.replace_schema_metadata(schema_meta), out)
+    else:
+        df.to_csv(out, index=False)
+        _sidecar(out).write_text(meta + "\n")
+    return out
+
+
+def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read what :func:`save_results` wrote; ``attrs`` come back too."""
+    src = Path(path)
+    if src.suffix == ".parquet":
+        frame = pd.read_parquet(src)
+    else:
+        frame = pd.read_csv(src, keep_default_na=False, na_values=[""])
+        frame["error"] = frame["error"].fillna("").astype(str)
+        frame["sha256"] = frame["sha256"].fillna("").astype(str)
+        for column in ("verified", "warmup", "cpu_bound"):
+            frame[column] = frame[column].astype(str).str.lower().eq("true")
+    frame.attrs.update(_read_meta(src))
+    return frame
+
+
+# --- summaries ------------------------------------------------------------------------------
+
+_CONFIG_COLUMNS = [
+    "direction",
+    "file_size_bytes",
+    "chunk_size_bytes",
+    "max_datagram_size",
+    "congestion_control",
+]
+
+
+def measured(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that count: not warm-ups, no error."""
+    return df[~df["warmup"].astype(bool) & (df["error"].fillna("") == "")]
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Median and interquartile range of throughput per configuration (Mbit/s)."""
+    rows = measured(df)
+    keys = [c for c in _CONFIG_COLUMNS if c in rows.columns and rows[c].notna().any()]
+    grouped = rows.groupby(keys, dropna=False)["throughput_mbps"]
+    summary = grouped.agg(
+        n="count",
+        median_mbps="median",
+        q1_mbps=lambda s: s.quantile(0.25),
+        q3_mbps=lambda s: s.quantile(0.75),
+    ).reset_index()
+    summary["iqr_mbps"] = summary["q3_mbps"] - summary["q1_mbps"]
+    errors = df[~df["warmup"].astype(bool)].groupby(keys, dropna=False)["error"]
+    failed = errors.agg(lambda s: int((s.fillna("") != "").sum())).rename("failed")
+    summary = summary.merge(failed.reset_index(), on=keys, how="outer")
+    summary["n"] = summary["n"].fillna(0).astype(int)
+    return summary.sort_values(keys).reset_index(drop=True)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qsftp.experiment",
+        description="Measure QSFTP throughput across file and chunk sizes; save data + figure.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small sweep (about a minute)")
+    parser.add_argument("--sizes", nargs="+", help="file sizes, e.g. 64KB 1MB 16MB")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, help="DATA chunk sizes, bytes")
+    parser.add_argument("--repeats", type=int, help="transfers per configuration")
+    parser.add_argument("--direction", choices=["upload", "download", "both"], default="both")
+    parser.add_argument("--host", help="measure this server instead of an embedded one")
+    parser.add_argument("--port", type=int, default=5000, help="port of --host")
+    parser.add_argument("--token", help="token for --host (default: $QSFTP_TOKEN)")
+    parser.add_argument("--pin", help="certificate fingerprint of --host")
+    parser.add_argument("--cafile", help="CA file for --host")
+    parser.add_argument("--max-datagram-size", type=int, nargs="+", help="QUIC datagram sizes")
+    parser.add_argument("--seed", type=int, help="shuffle seed (default: random, recorded)")
+    parser.add_argument("--out", default="data", help="output directory (default: data/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m qsftp.experiment``."""
+    from .plots import plot_overview, save_figure  # noqa: PLC0415 - matplotlib only here
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.quick:
+        sizes = args.sizes or ["64KB", "1MB", "8MB"]
+        chunks = args.chunk_sizes or [1024, 16384, 65536]
+        repeats = args.repeats or 3
+    else:
+        sizes = args.sizes or ["64KB", "1MB", "16MB", "64MB"]
+        chunks = args.chunk_sizes or [1024, 4096, 16384, 65536, 262144]
+        repeats = args.repeats or 5
+    target = None
+    if args.host:
+        options = {
+            "token": args.token or os.environ.get("QSFTP_TOKEN"),
+            "pin": args.pin,
+            "cafile": args.cafile,
+        }
+        target = (args.host, args.port, {k: v for k, v in options.items() if v})
+    try:
+        df = asyncio.run(
+            sweep(
+                sizes=sizes,
+                chunk_sizes=chunks,
+                repeats=repeats,
+                direction=args.direction,
+                target=target,
+                max_datagram_size=args.max_datagram_size,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        )
+    except QsftpError as exc:
+        print(f"qsftp-experiment: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    out = Path(args.out)
+    stem = "quick" if args.quick else "sweep"
+    csv = save_results(df, out / f"{stem}.csv")
+    parquet = save_results(df, out / f"{stem}.parquet")
+    figure = plot_overview(df)
+    png = save_figure(figure, out / f"{stem}.png")
+    summary = summarize(df)
+    with pd.option_context("display.width", 120, "display.max_columns", 20):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.1f}"))  # noqa: T201
+    failed = int((df["error"] != "").sum())
+    print(  # noqa: T201
+        f"\n{len(df)} transfers ({failed} failed), run {df.attrs['run_id']}, "
+        f"shuffle seed {df.attrs['shuffle_seed']}\nwrote {csv}, {parquet}, {png}"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
