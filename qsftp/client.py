@@ -40,6 +40,7 @@ from .errors import (
     NotFound,
     OperationError,
     QsftpError,
+    RemoteProtocolError,
     TransportError,
     TrustError,
     UsageError,
@@ -70,7 +71,7 @@ from .session import (
     receive_body,
     send_body,
 )
-from .wire import ALPN, EntryKind
+from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -164,7 +165,13 @@ class _ClientProtocol(QsftpProtocol):
     def handle_event(self, event: Event) -> None:
         match event:
             case SessionAccepted():
-                if not self.session.done():
+                if self.session.done():
+                    pass
+                elif event.version != PROTOCOL_VERSION:
+                    self.session.set_exception(
+                        RemoteProtocolError(f"server speaks version {event.version}")
+                    )
+                else:
                     self.session.set_result(event)
             case SessionRejected():
                 if not self.session.done():

@@ -16,7 +16,7 @@ Every failure QSFTP raises is a :class:`QsftpError`::
         ├── AuthFailed          missing or wrong token
         ├── BadPath             the name is not a safe relative path in the root
         ├── NotFound            no such file or directory
-        ├── TooLarge            the file or a message exceeds a limit
+        ├── TooLarge            the declared file size exceeds the server's limit
         ├── ChecksumMismatch    SHA-256 of what was stored differs from what was sent
         ├── NoSpace             the disk is full or a size limit was hit while writing
         ├── Busy                the server refuses more work now (limits)
@@ -140,7 +140,7 @@ class NotFound(OperationError):
 
 
 class TooLarge(OperationError):
-    """A file, name or message is larger than a limit allows."""
+    """The declared file size exceeds the server's limit."""
 
     error_code = ErrorCode.TOO_LARGE
 

@@ -37,13 +37,13 @@ from .errors import (
     UsageError,
 )
 from .protocol import (
+    ControlState,
     DataReceived,
     Event,
     GetRequested,
     ListRequested,
     ProtocolViolation,
     PutRequested,
-    RequestState,
     Role,
     SessionRequested,
     StatRequested,
@@ -75,7 +75,6 @@ DEFAULT_MAX_FILE_SIZE = 1 << 40
 _REJECT_GRACE = 1.0
 _SERVER_NAME = f"qsftp/{__version__}"
 _KINDS = {"file": EntryKind.FILE, "dir": EntryKind.DIR}
-_REQUEST_OPEN = frozenset({RequestState.IDLE, RequestState.BODY, RequestState.ENDED})
 
 
 def _is_loopback(host: str) -> bool:
@@ -174,7 +173,8 @@ class _ServerProtocol(QsftpProtocol):
                 else:
                     qsftp.accept_session(server=_SERVER_NAME)
             case TerminateReceived():
-                qsftp.terminate()
+                if qsftp.control_state is ControlState.CLIENT_CLOSING:
+                    qsftp.terminate()
             case PutRequested() | GetRequested() | ListRequested() | StatRequested():
                 channel = self.open_channel(event.stream_id)
                 self.server.spawn(self._run(channel, event))
@@ -208,7 +208,10 @@ class _ServerProtocol(QsftpProtocol):
             logger.info("stream %d: %s: %s", stream_id, type(exc).__name__, exc.message)
             self._answer_error(stream_id, exc.error_code, exc.message)
         except TransportError as exc:
-            logger.debug("stream %d: %s", stream_id, exc)
+            # The connection is gone, or the stream stalled: nothing can be said on it any
+            # more, so (if the connection still lives) reset it instead of leaving it open.
+            logger.info("stream %d: %s", stream_id, exc)
+            self.close_channel(channel, abort=True)
         except LocalFileError as exc:
             logger.warning("stream %d: %s", stream_id, exc)
             self._answer_error(stream_id, ErrorCode.INTERNAL, str(exc))
@@ -223,10 +226,10 @@ class _ServerProtocol(QsftpProtocol):
     def _answer_error(self, stream_id: int, code: int, message: str) -> None:
         if self.terminated is not None:
             return
-        request_open = self.qsftp.request_state(stream_id) in _REQUEST_OPEN
         self.qsftp.send_error(stream_id, code, message)
-        if request_open:  # the client is still sending: tell it to stop
-            self._stop_receiving(stream_id)
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None and not stream.receiver.is_finished:
+            self._stop_receiving(stream_id)  # the client may still be sending: tell it to stop
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
@@ -259,7 +262,7 @@ class _ServerProtocol(QsftpProtocol):
         file, entry = await asyncio.to_thread(self.server.root.open_read, name)
         with file:
             cpu_start = cpu_time()
-            self.qsftp.send_file_info(channel.stream_id, entry.size, entry.mtime_ns)
+            self.qsftp.send_file_info(channel.stream_id, entry.size, max(0, entry.mtime_ns))
             self.flush()
             digest = await send_body(self, channel, file, entry.size, chunk_size)
         self.qsftp.send_done(
@@ -292,7 +295,7 @@ class _ServerProtocol(QsftpProtocol):
             name=entry.name,
             kind=_KINDS[entry.kind],
             size=entry.size,
-            mtime_ns=entry.mtime_ns,
+            mtime_ns=max(0, entry.mtime_ns),  # the wire has no times before 1970
         )
 
 

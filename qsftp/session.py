@@ -5,8 +5,9 @@ each QUIC stream event into the sans-I/O :class:`~qsftp.protocol.QsftpConnection
 that queues back into QUIC, and routes every operation's events to a :class:`Channel` that one
 coroutine (a client call or a server handler) consumes.
 
-aioquic gives no backpressure in either direction (docs/PERFORMANCE.md, FIELD-NOTES), so this
-module bounds both itself:
+aioquic gives no backpressure in either direction (its stream writer's ``drain()`` never
+blocks, and it raises flow-control credit as bytes arrive, not as they are used), so this module
+bounds both itself:
 
 - sending: :meth:`QsftpProtocol.wait_writable` waits until the stream's unacknowledged bytes
   in aioquic's send buffer fall below :data:`SEND_HIGH_WATER`; it is woken after every batch
@@ -200,7 +201,7 @@ class QsftpProtocol(QuicConnectionProtocol):
         self.transport_error: OSError | None = None
         self._packets_lost = 0
         self._writers: dict[int, asyncio.Future[None]] = {}
-        self._consumed: dict[int, int] = {}
+        self._unconsumed: dict[int, int] = {}  # DATA bytes handed to a channel, not yet used
         self._instrument(quic)
 
     # --- aioquic internals we adjust (one place, documented) --------------------------------
@@ -234,13 +235,20 @@ class QsftpProtocol(QuicConnectionProtocol):
         quic._write_stream_limits = write_stream_limits  # type: ignore[method-assign,assignment]
 
     def consumed(self, stream_id: int, count: int) -> None:
-        """The application has taken ``count`` more bytes of ``stream_id``: grant credit."""
-        total = self._consumed.get(stream_id, 0) + count
-        self._consumed[stream_id] = total
+        """The application has taken ``count`` more DATA bytes of ``stream_id``: grant credit."""
+        self._unconsumed[stream_id] = self._unconsumed.get(stream_id, 0) - count
+        self._grant(stream_id)
+
+    def _grant(self, stream_id: int) -> None:
+        # QUIC counts every byte of the stream, frame headers and control messages included;
+        # only DATA payloads wait for the application. So the credit limit is: bytes received
+        # so far, less the payload bytes not yet consumed, plus the window.
         stream = self._quic._streams.get(stream_id)
         if stream is None:
             return
-        target = total + RECEIVE_WINDOW
+        target = (
+            stream.receiver.highest_offset - self._unconsumed.get(stream_id, 0) + RECEIVE_WINDOW
+        )
         if target - stream.max_stream_data_local >= _CREDIT_STEP:
             stream.max_stream_data_local = target
             self._transmit_soon()
@@ -322,6 +330,7 @@ class QsftpProtocol(QuicConnectionProtocol):
         try:
             if isinstance(event, quic_events.StreamDataReceived):
                 self._dispatch(self.qsftp.receive(event.stream_id, event.data, event.end_stream))
+                self._grant(event.stream_id)
             elif isinstance(event, quic_events.StreamReset):
                 self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
             elif isinstance(event, quic_events.StopSendingReceived):
@@ -342,6 +351,10 @@ class QsftpProtocol(QuicConnectionProtocol):
             stream_id = getattr(event, "stream_id", None)
             channel = self.channels.get(stream_id) if stream_id is not None else None
             if channel is not None:
+                if isinstance(event, DataReceived):
+                    self._unconsumed[channel.stream_id] = self._unconsumed.get(
+                        channel.stream_id, 0
+                    ) + len(event.data)
                 channel.push(event)
             else:
                 self.handle_event(event)
@@ -392,7 +405,7 @@ class QsftpProtocol(QuicConnectionProtocol):
         """Forget ``channel``; with ``abort``, reset the stream both ways (QUIC code CANCELLED)."""
         stream_id = channel.stream_id
         self.channels.pop(stream_id, None)
-        self._consumed.pop(stream_id, None)
+        self._unconsumed.pop(stream_id, None)
         if abort and self.terminated is None:
             self.qsftp.reset_stream(stream_id)
             try:
@@ -424,11 +437,12 @@ async def send_body(
     """
     hasher = hashlib.sha256()
     stream_id = channel.stream_id
+    block_size = max(READ_BLOCK, chunk_size)  # a DATA frame never spans two reads
     remaining = size
     pending: asyncio.Future[bytes] | None = None
     if remaining:
         pending = asyncio.ensure_future(
-            asyncio.to_thread(_read_block, file, hasher, min(READ_BLOCK, remaining))
+            asyncio.to_thread(_read_block, file, hasher, min(block_size, remaining))
         )
     try:
         while pending is not None:
@@ -439,7 +453,7 @@ async def send_body(
             remaining -= len(block)
             if remaining:
                 pending = asyncio.ensure_future(
-                    asyncio.to_thread(_read_block, file, hasher, min(READ_BLOCK, remaining))
+                    asyncio.to_thread(_read_block, file, hasher, min(block_size, remaining))
                 )
             view = memoryview(block)
             for offset in range(0, len(view), chunk_size):

@@ -460,3 +460,20 @@ def test_importing_the_core_loads_no_pandas_or_matplotlib() -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_listing_larger_than_the_initial_flow_control_window_completes(tmp_path: Path) -> None:
+    """Credit is granted for every byte of a stream, not only for DATA payloads."""
+    root = tmp_path / "root"
+    many = root / "many"
+    many.mkdir(parents=True)
+    count = 15_000
+    for i in range(count):
+        (many / f"{i:06d}-{'x' * 70}.txt").touch()
+
+    async def body() -> list[fs.Entry]:
+        async with qsftp.serve(root) as server, qsftp.connect(server.host, server.port) as conn:
+            return await conn.listdir("many")
+
+    entries = run(body)
+    assert len(entries) == count  # ~1.4 MB of ENTRY messages: more than the 1 MiB initial window
