@@ -70,7 +70,9 @@ from .session import (
     event_error,
     receive_body,
     send_body,
+    transmit_batch,
 )
+from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
 __all__ = [
@@ -155,8 +157,14 @@ class TransferResult:
 class _ClientProtocol(QsftpProtocol):
     role = Role.CLIENT
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        batch: set[QsftpProtocol] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler, batch=batch)
         self.session: asyncio.Future[SessionAccepted] = self.loop.create_future()
         # connect() may give up before awaiting the session (trust failure, timeout).
         self.session.add_done_callback(consume_result)
@@ -519,12 +527,18 @@ async def connect(
     try:
         sock.setblocking(False)
         sock.connect(addr)
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _ClientProtocol(quic), sock=sock
-        )
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot reach {host}:{port}: {exc.strerror}") from exc
+    batch: set[QsftpProtocol] = set()
+    protocol = _ClientProtocol(quic, batch=batch)
+    transport = DatagramEndpoint(
+        sock,
+        receive=protocol.datagram_received,
+        after_batch=lambda: transmit_batch(batch),
+        error=protocol.error_received,
+    )
+    protocol.connection_made(transport)  # type: ignore[arg-type]
     try:
         started = time.perf_counter()
         protocol.connect(addr)

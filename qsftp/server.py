@@ -15,13 +15,13 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
-from aioquic.asyncio.server import serve as quic_serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
@@ -59,7 +59,9 @@ from .session import (
     event_error,
     receive_body,
     send_body,
+    transmit_batch,
 )
+from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
 __all__ = ["DEFAULT_PORT", "DEFAULT_ROOT", "QsftpServer", "main", "serve"]
@@ -109,6 +111,7 @@ class QsftpServer:
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._quic: QuicServer | None = None
+        self._batch: set[QsftpProtocol] = set()
 
     def __repr__(self) -> str:
         return f"<QsftpServer {self.host}:{self.port} root={self.root.path}>"
@@ -120,7 +123,32 @@ class QsftpServer:
         return f"{host}:{self.port}"
 
     def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> QsftpProtocol:
-        return _ServerProtocol(quic, stream_handler, server=self)
+        return _ServerProtocol(quic, stream_handler, server=self, batch=self._batch)
+
+    async def _listen(self, host: str, port: int, configuration: QuicConfiguration) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+            )
+            family, _, _, _, address = infos[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except (OSError, socket.gaierror) as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc}") from exc
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        quic = QuicServer(configuration=configuration, create_protocol=self._create_protocol)
+        endpoint = DatagramEndpoint(
+            sock,
+            receive=quic.datagram_received,
+            after_batch=lambda: transmit_batch(self._batch),
+        )
+        quic.connection_made(endpoint)  # type: ignore[arg-type]
+        self._quic = quic
+        self.host, self.port = sock.getsockname()[:2]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run an operation handler in the server's TaskGroup."""
@@ -157,8 +185,15 @@ class QsftpServer:
 class _ServerProtocol(QsftpProtocol):
     role = Role.SERVER
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any, *, server: QsftpServer) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any,
+        *,
+        server: QsftpServer,
+        batch: set[QsftpProtocol] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler, batch=batch)
         self.server = server
 
     def handle_event(self, event: Event) -> None:
@@ -367,15 +402,7 @@ async def serve(
             fingerprint=fingerprint,
             max_file_size=max_file_size,
         )
-        try:
-            server._quic = await quic_serve(
-                host, port, configuration=configuration, create_protocol=server._create_protocol
-            )
-        except OSError as exc:
-            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        assert server._quic._transport is not None  # set by create_datagram_endpoint
-        sockname = server._quic._transport.get_extra_info("sockname")
-        server.host, server.port = sockname[0], sockname[1]
+        await server._listen(host, port, configuration)
         ready = asyncio.get_running_loop().create_future()
         supervisor = asyncio.create_task(server._supervise(ready))
         await ready

@@ -67,6 +67,7 @@ __all__ = [
     "event_error",
     "receive_body",
     "send_body",
+    "transmit_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,8 +193,15 @@ class QsftpProtocol(QuicConnectionProtocol):
 
     role: Role = Role.CLIENT
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        batch: set[QsftpProtocol] | None = None,
+    ) -> None:
         super().__init__(quic, stream_handler)
+        self.batch = batch
         self.loop = asyncio.get_running_loop()
         self.qsftp = QsftpConnection(self.role)
         self.channels: dict[int, Channel] = {}
@@ -324,6 +332,15 @@ class QsftpProtocol(QuicConnectionProtocol):
         if self._writers:
             self._wake_writers()
 
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # Under a batching endpoint (qsftp.udp) the transmit waits for the end of the batch.
+        self._quic.receive_datagram(data, addr, now=self.loop.time())  # type: ignore[arg-type]
+        self._process_events()
+        if self.batch is None:
+            self.transmit()
+        else:
+            self.batch.add(self)
+
     # --- receiving --------------------------------------------------------------------------
 
     def quic_event_received(self, event: quic_events.QuicEvent) -> None:
@@ -414,6 +431,12 @@ class QsftpProtocol(QuicConnectionProtocol):
             except ValueError:
                 pass  # already discarded by aioquic: nothing left to stop
             self._transmit_soon()
+
+
+def transmit_batch(batch: set[QsftpProtocol]) -> None:
+    """Transmit once for every connection that received datagrams in the batch just read."""
+    while batch:
+        batch.pop().transmit()
 
 
 def _read_block(file: BinaryIO, hasher: Any, size: int) -> bytes:

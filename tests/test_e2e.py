@@ -477,3 +477,22 @@ def test_listing_larger_than_the_initial_flow_control_window_completes(tmp_path:
 
     entries = run(body)
     assert len(entries) == count  # ~1.4 MB of ENTRY messages: more than the 1 MiB initial window
+
+
+def test_many_clients_at_once_are_all_served(tmp_path: Path) -> None:
+    files = [make_file(tmp_path / f"c{i}.bin", 200_000 + i, seed=i) for i in range(6)]
+    root = tmp_path / "root"
+
+    async def body() -> list[qsftp.TransferResult]:
+        async with qsftp.serve(root) as server:
+            return await asyncio.gather(
+                *(
+                    qsftp.upload(f, server.host, server.port, remote_name=f"c/{f.name}")
+                    for f in files
+                )
+            )
+
+    results = run(body)
+    assert all(r.verified for r in results)
+    for src in files:
+        assert (root / "c" / src.name).read_bytes() == src.read_bytes()
