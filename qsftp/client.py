@@ -69,6 +69,7 @@ from .session import (
     cpu_time,
     event_error,
     receive_body,
+    run,
     send_body,
     transmit_batch,
 )
@@ -884,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     cli = _Cli(args)
     try:
-        asyncio.run(_cli_main(cli))
+        run(_cli_main(cli))
     except KeyboardInterrupt:
         _out("qsftp: interrupted", err=True)
         return 130

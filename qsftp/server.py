@@ -57,7 +57,9 @@ from .session import (
     QsftpProtocol,
     cpu_time,
     event_error,
+    loop_name,
     receive_body,
+    run,
     send_body,
     transmit_batch,
 )
@@ -206,7 +208,7 @@ class _ServerProtocol(QsftpProtocol):
                     text = "invalid token" if event.token else "this server requires a token"
                     self._reject(ErrorCode.AUTH_FAILED, text)
                 else:
-                    qsftp.accept_session(server=_SERVER_NAME)
+                    qsftp.accept_session(server=f"{_SERVER_NAME} ({loop_name()})")
             case TerminateReceived():
                 if qsftp.control_state is ControlState.CLIENT_CLOSING:
                     qsftp.terminate()
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(_serve_until_signalled(args))
+        run(_serve_until_signalled(args))
     except QsftpError as exc:
         _out(f"qsftp-server: error: {exc}", err=True)
         return 1

@@ -23,10 +23,11 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events as quic_events
@@ -65,12 +66,15 @@ __all__ = [
     "consume_result",
     "cpu_time",
     "event_error",
+    "loop_name",
+    "run",
     "receive_body",
     "send_body",
     "transmit_batch",
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # DATA frame payload size when the caller does not choose: large enough that framing and the
 # per-call cost of handing bytes to QUIC are negligible, small enough to keep latency low.
@@ -327,14 +331,37 @@ class QsftpProtocol(QuicConnectionProtocol):
             if failed or self.buffered(stream_id) < SEND_HIGH_WATER // 2:
                 waiter.set_result(None)
 
+    # aioquic's asyncio layer reads the clock with loop.time(); uvloop's is cached per loop
+    # iteration at 1 ms resolution, which on a sub-millisecond path turns every RTT sample
+    # into 0 or 1 ms and upsets pacing and loss detection. time.monotonic() is the same clock
+    # (CLOCK_MONOTONIC) at full resolution, so these three methods use it instead.
+
     def transmit(self) -> None:
-        super().transmit()
+        self._transmit_task = None
+        quic, transport = self._quic, self._transport
+        for data, addr in quic.datagrams_to_send(now=time.monotonic()):
+            transport.sendto(data, addr)  # type: ignore[union-attr]
+        timer_at = quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self.loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
         if self._writers:
             self._wake_writers()
 
+    def _handle_timer(self) -> None:
+        now = max(self._timer_at or 0.0, time.monotonic())
+        self._timer = None
+        self._timer_at = None
+        self._quic.handle_timer(now=now)
+        self._process_events()
+        self.transmit()
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # Under a batching endpoint (qsftp.udp) the transmit waits for the end of the batch.
-        self._quic.receive_datagram(data, addr, now=self.loop.time())  # type: ignore[arg-type]
+        self._quic.receive_datagram(data, addr, now=time.monotonic())  # type: ignore[arg-type]
         self._process_events()
         if self.batch is None:
             self.transmit()
@@ -537,6 +564,26 @@ async def receive_body(
         if in_flight is not None:
             # Let a started write finish before the caller aborts the file under it.
             await asyncio.gather(in_flight, return_exceptions=True)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a CLI's main coroutine on uvloop when it is installed (the ``fast`` extra), else on
+    asyncio's default loop. Set QSFTP_LOOP=asyncio to refuse uvloop. Library code never calls
+    this: in a notebook the kernel's loop is used as it is."""
+    if os.environ.get("QSFTP_LOOP", "") != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 - optional
+
+            return uvloop.run(main)
+        except ImportError:
+            pass
+    return asyncio.run(main)
+
+
+def loop_name() -> str:
+    """The running event loop's implementation, e.g. "asyncio" or "uvloop"."""
+    module = type(asyncio.get_running_loop()).__module__
+    return module.split(".", 1)[0]
 
 
 def consume_result(future: asyncio.Future[Any]) -> None:
