@@ -16,12 +16,13 @@ import datetime
 import json
 import logging
 import os
+import secrets
 import socket
 import ssl
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,13 @@ from .session import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    READ_BLOCK,
     Channel,
     QsftpProtocol,
     QuicStats,
     consume_result,
     cpu_time,
+    datagram_size_for,
     event_error,
     receive_body,
     run,
@@ -74,17 +77,19 @@ from .session import (
     transmit_batch,
 )
 from .udp import DatagramEndpoint
-from .wire import ALPN, PROTOCOL_VERSION, EntryKind
+from .wire import ALPN, PROTOCOL_VERSION, UPLOAD_ID_LEN, EntryKind
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "Connection",
     "TransferResult",
     "connect",
+    "connect_many",
     "download",
     "listdir",
     "main",
     "upload",
+    "upload_striped",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +101,9 @@ CONNECT_TIMEOUT = 10.0
 _TERMINATE_TIMEOUT = 1.0
 # Operations run at once by the CLI and the tree helpers over one connection.
 PARALLEL_TRANSFERS = 8
+# With --connections N, files at least this large are striped; smaller ones gain nothing
+# from the extra commit pass and go whole over the first connection.
+STRIPE_MIN_SIZE = 8 * 1024 * 1024
 # TLS alerts arrive as QUIC CRYPTO_ERROR codes 0x100 + alert.
 _CRYPTO_ERROR_MIN, _CRYPTO_ERROR_MAX = 0x100, 0x1FF
 _NO_APPLICATION_PROTOCOL = 0x100 + 120
@@ -142,6 +150,8 @@ class TransferResult:
     "Congestion control algorithm of this side."
     started_at: str
     "Wall-clock start, ISO 8601 UTC (for ordering only; durations use perf_counter)."
+    connections: int = 1
+    "QUIC connections the file was striped over (1: not striped)."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -336,6 +346,66 @@ class Connection:
                     server_cpu_us=event.server_cpu_us,
                 )
 
+    async def _upload_range(
+        self,
+        path: Path,
+        *,
+        name: str,
+        total_size: int,
+        offset: int,
+        length: int,
+        upload_id: bytes,
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Send one range of a striped upload; return the server's CPU µs for it."""
+        protocol = self._protocol
+        with _open_local(path) as file:
+            await asyncio.to_thread(file.seek, offset)
+            async with self._operation() as channel:
+                protocol.qsftp.send_put_range(
+                    channel.stream_id,
+                    name=name,
+                    total_size=total_size,
+                    offset=offset,
+                    length=length,
+                    upload_id=upload_id,
+                )
+                protocol.flush()
+                digest = await send_body(
+                    protocol, channel, file, length, chunk_size, progress=progress
+                )
+                protocol.qsftp.send_end(channel.stream_id, digest)
+                protocol.flush()
+                event = await channel.next_event()
+                if not isinstance(event, OperationDone):
+                    raise event_error(event)
+                if event.sha256 != digest or event.size != length:
+                    raise ChecksumMismatch(f"range at {offset}: the server stored other bytes")
+                return event.server_cpu_us
+
+    async def _finish_striped(
+        self, *, name: str, total_size: int, upload_id: bytes, sha256: bytes | None
+    ) -> OperationDone:
+        """COMMIT (with the whole file's digest) or, with ``sha256`` None, ABORT."""
+        protocol = self._protocol
+        async with self._operation() as channel:
+            if sha256 is None:
+                protocol.qsftp.send_abort(channel.stream_id, name=name, upload_id=upload_id)
+            else:
+                protocol.qsftp.send_commit(
+                    channel.stream_id,
+                    name=name,
+                    total_size=total_size,
+                    upload_id=upload_id,
+                    sha256=sha256,
+                )
+            protocol.flush()
+            event = await channel.next_event()
+            if not isinstance(event, OperationDone):
+                raise event_error(event)
+            return event
+
     async def download(
         self,
         remote_name: str,
@@ -519,7 +589,7 @@ async def connect(
     configuration = client_configuration(
         host,
         cafile=cafile,
-        max_datagram_size=max_datagram_size,
+        max_datagram_size=datagram_size_for(str(addr[0]), max_datagram_size),
         congestion_control=congestion_control,
     )
     quic = QuicConnection(configuration=configuration)
@@ -601,6 +671,117 @@ async def connect(
 # --- one-shot helpers -------------------------------------------------------------------------
 
 
+async def upload_striped(
+    connections: list[Connection],
+    path: str | os.PathLike[str],
+    remote_name: str | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> TransferResult:
+    """Upload one file as byte ranges over several connections at once.
+
+    The server writes every range in place into one hidden partial file; when all ranges are
+    stored, one COMMIT on the first connection has the server hash the whole file, compare it
+    with the SHA-256 computed here (in a worker thread, while the ranges travel) and rename it.
+    """
+    _check_chunk_size(chunk_size)
+    if not connections:
+        raise UsageError("no connections to stripe over")
+    local = Path(path)
+    name = fs.normalize_name(remote_name if remote_name is not None else local.name)
+    with _open_local(local) as probe:
+        size = os.fstat(probe.fileno()).st_size
+    first = connections[0]
+    upload_id = secrets.token_bytes(UPLOAD_ID_LEN)
+    # Ranges are whole multiples of READ_BLOCK, so every disk read stays aligned.
+    per = -(-size // len(connections) // READ_BLOCK) * READ_BLOCK or READ_BLOCK
+    ranges = [(offset, min(per, size - offset)) for offset in range(0, size, per)] or [(0, 0)]
+    started_at = _now_iso()
+    stats_start = [conn.stats() for conn in connections]
+    cpu_start = cpu_time()
+    started = time.perf_counter()
+    whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
+    try:
+        parts = await _gather_ranges(
+            [
+                connections[i % len(connections)]._upload_range(
+                    local,
+                    name=name,
+                    total_size=size,
+                    offset=offset,
+                    length=length,
+                    upload_id=upload_id,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                )
+                for i, (offset, length) in enumerate(ranges)
+            ]
+        )
+        digest = bytes.fromhex(await whole)
+        done = await first._finish_striped(
+            name=name, total_size=size, upload_id=upload_id, sha256=digest
+        )
+    except BaseException:
+        whole.cancel()
+        with contextlib.suppress(QsftpError, asyncio.CancelledError):
+            await asyncio.shield(
+                first._finish_striped(name=name, total_size=size, upload_id=upload_id, sha256=None)
+            )
+        raise
+    if done.sha256 != digest or done.size != size:
+        raise ChecksumMismatch(f"server stored {done.size} bytes with SHA-256 {done.sha256.hex()}")
+    seconds = time.perf_counter() - started
+    stats_end = [conn.stats() for conn in connections]
+    spans = list(zip(stats_start, stats_end, strict=True))
+    server_us = sum(parts) + done.server_cpu_us
+    return TransferResult(
+        op="upload",
+        name=name,
+        local_path=str(local),
+        size=size,
+        seconds=seconds,
+        sha256=digest.hex(),
+        verified=True,
+        chunk_size=chunk_size,
+        handshake_ms=first.handshake_ms,
+        session_ms=first.session_ms,
+        smoothed_rtt_ms=stats_end[0].smoothed_rtt_ms,
+        packets_sent=sum(e.packets_sent - b.packets_sent for b, e in spans),
+        packets_lost=sum(e.packets_lost - b.packets_lost for b, e in spans),
+        client_cpu_s=cpu_time() - cpu_start,
+        server_cpu_s=server_us / 1e6,
+        max_datagram_size=first.max_datagram_size,
+        congestion_control=first.congestion_control,
+        started_at=started_at,
+        connections=len(connections),
+    )
+
+
+async def _gather_ranges(jobs: list[Coroutine[Any, Any, int]]) -> list[int]:
+    """Run the range uploads together; the first failure cancels the rest and is raised as it
+    is (not wrapped in an exception group)."""
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(job) for job in jobs]
+    except BaseExceptionGroup as group:
+        first = _flatten(group)[0]
+        raise first from None
+    return [task.result() for task in running]
+
+
+@contextlib.asynccontextmanager
+async def connect_many(
+    count: int, host: str, port: int, **options: Any
+) -> AsyncIterator[list[Connection]]:
+    """Open ``count`` connections to one server at once (for striping)."""
+    async with contextlib.AsyncExitStack() as stack:
+        opened = await asyncio.gather(
+            *(stack.enter_async_context(connect(host, port, **options)) for _ in range(count))
+        )
+        yield list(opened)
+
+
 async def upload(
     path: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -608,9 +789,16 @@ async def upload(
     *,
     remote_name: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    connections: int = 1,
     **options: Any,
 ) -> TransferResult:
-    """Connect, upload one file, verify, disconnect. ``options`` go to :func:`connect`."""
+    """Connect, upload one file, verify, disconnect. ``options`` go to :func:`connect`.
+
+    ``connections`` > 1 stripes the file over that many connections (:func:`upload_striped`).
+    """
+    if connections > 1:
+        async with connect_many(connections, host, port, **options) as conns:
+            return await upload_striped(conns, path, remote_name, chunk_size=chunk_size)
     async with connect(host, port, **options) as conn:
         return await conn.upload(path, remote_name, chunk_size=chunk_size)
 
@@ -695,6 +883,13 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DATA frame size, bytes"
     )
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        metavar="N",
+        help="stripe uploads of files >= 8 MiB over N connections (default 1)",
+    )
     trust_group = parser.add_mutually_exclusive_group()
     trust_group.add_argument("--cafile", help="trust only certificates issued by this PEM file")
     trust_group.add_argument("--pin", metavar="SHA256", help="expected certificate fingerprint")
@@ -808,7 +1003,11 @@ async def _cli_main(cli: _Cli) -> None:
         "timeout": args.timeout,
         "max_datagram_size": args.max_datagram_size,
     }
-    async with connect(args.host, args.port, **options) as conn:
+    if args.connections < 1:
+        raise UsageError("--connections must be at least 1")
+    count = args.connections if args.files else 1
+    async with connect_many(count, args.host, args.port, **options) as conns:
+        conn = conns[0]
         if args.list is not None:
             for entry in await conn.listdir(args.list):
                 when = datetime.datetime.fromtimestamp(entry.mtime_ns / 1e9)
@@ -825,9 +1024,14 @@ async def _cli_main(cli: _Cli) -> None:
                 try:
                     size = await asyncio.to_thread(_size_or_none, path)
                     with cli.progress(name, size) as update:
-                        result = await conn.upload(
-                            path, name, chunk_size=args.chunk_size, progress=update
-                        )
+                        if len(conns) > 1 and (size or 0) >= STRIPE_MIN_SIZE:
+                            result = await upload_striped(
+                                conns, path, name, chunk_size=args.chunk_size, progress=update
+                            )
+                        else:
+                            result = await conn.upload(
+                                path, name, chunk_size=args.chunk_size, progress=update
+                            )
                     cli.report(result)
                 except (OperationError, LocalFileError, UsageError) as exc:
                     cli.fail(exc, str(path))

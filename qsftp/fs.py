@@ -65,6 +65,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "PARTIAL_SUFFIX",
     "AtomicWriter",
+    "RangeWriter",
     "Entry",
     "Root",
     "normalize_name",
@@ -99,6 +100,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before we can refuse it.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# A striped upload's ranges share one partial file: created by whichever range comes first.
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_UPLOAD_ID_BYTES = 16
+_HEX = frozenset("0123456789abcdef")
+# Read size when hashing a whole partial file at commit (hashlib releases the GIL per call).
+_HASH_BLOCK = 1024 * 1024
 
 
 def _show(name: str) -> str:
@@ -352,6 +359,105 @@ class Root:
                 raise _kind_error(name, st, want_dir=False)
         return AtomicWriter(parent, parts[-1], name=name, size=size, refuse=BadPath)
 
+    def open_range(self, name: str, upload_id: str, *, total_size: int) -> RangeWriter:
+        """Open the shared partial file of striped upload ``upload_id`` of ``name`` for one
+        range; the file is created (at ``total_size`` bytes) by whichever range comes first."""
+        name = normalize_name(name)
+        _check_size(total_size)
+        parts = _split(name)
+        parent = self._open_dir(parts[:-1], name, create=True)
+        try:
+            self._check_target(parent, parts[-1], name)
+            partial = _partial_name(parts[-1], upload_id)
+            try:
+                fd = os.open(partial, _PARTIAL_FLAGS, 0o666, dir_fd=parent)
+            except OSError as exc:
+                raise _write_error(exc, name) from None
+        finally:
+            os.close(parent)
+        try:
+            if os.fstat(fd).st_size != total_size:
+                os.ftruncate(fd, total_size)
+        except OSError as exc:
+            os.close(fd)
+            raise _write_error(exc, name) from None
+        return RangeWriter(fd, name=name, total_size=total_size)
+
+    def commit_partial(
+        self, name: str, upload_id: str, *, total_size: int, expected_sha256: str
+    ) -> str:
+        """Verify the whole partial file of a striped upload, make it durable and rename it
+        to ``name``; return its SHA-256. A mismatch removes the partial file."""
+        name = normalize_name(name)
+        parts = _split(name)
+        parent = self._open_dir(parts[:-1], name)
+        try:
+            partial = _partial_name(parts[-1], upload_id)
+            try:
+                fd = os.open(partial, _READ_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                raise NotFound(f"{_show(name)}: no ranges of this upload arrived") from None
+            except OSError as exc:
+                raise _os_error(exc, name) from None
+            try:
+                size = os.fstat(fd).st_size
+                hasher = hashlib.sha256()
+                while block := os.read(fd, _HASH_BLOCK):
+                    hasher.update(block)
+                os.fsync(fd)
+            except OSError as exc:
+                raise _write_error(exc, name) from None
+            finally:
+                os.close(fd)
+            digest = hasher.hexdigest()
+            if size != total_size or digest != expected_sha256.lower():
+                with contextlib.suppress(OSError):
+                    os.unlink(partial, dir_fd=parent)
+                raise ChecksumMismatch(
+                    f"{_show(name)}: stored {size} bytes with SHA-256 {digest}, "
+                    f"expected {total_size} bytes with {expected_sha256}"
+                )
+            self._check_target(parent, parts[-1], name)
+            try:
+                os.replace(partial, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                os.fsync(parent)
+            except OSError as exc:
+                raise _write_error(exc, name) from None
+        finally:
+            os.close(parent)
+        logger.debug("committed striped upload %r: %d bytes", name, size)
+        return digest
+
+    def abort_partial(self, name: str, upload_id: str) -> bool:
+        """Remove the partial file of a striped upload; False when there was none."""
+        name = normalize_name(name)
+        parts = _split(name)
+        try:
+            parent = self._open_dir(parts[:-1], name)
+        except NotFound:
+            return False
+        try:
+            os.unlink(_partial_name(parts[-1], upload_id), dir_fd=parent)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _os_error(exc, name) from None
+        finally:
+            os.close(parent)
+        return True
+
+    @staticmethod
+    def _check_target(parent: int, final: str, name: str) -> None:
+        """The final name must be absent or a regular file (never a link or directory)."""
+        try:
+            st = os.stat(final, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(exc, name) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _kind_error(name, st, want_dir=False)
+
     def _root_fd(self) -> int:
         if self._fd < 0:
             raise UsageError(f"{self!r} is closed")
@@ -417,6 +523,51 @@ class Root:
                 self._scan(child, rel, recursive, out)
             finally:
                 os.close(child)
+
+
+def _partial_name(final: str, upload_id: str) -> str:
+    if len(upload_id) != 2 * _UPLOAD_ID_BYTES or any(
+        c not in "0123456789abcdef" for c in upload_id
+    ):
+        raise BadPath("malformed upload id")
+    room = MAX_COMPONENT_BYTES - len(f"..{upload_id}{PARTIAL_SUFFIX}")
+    stem = final.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return f".{stem}.{upload_id}{PARTIAL_SUFFIX}"
+
+
+class RangeWriter:
+    """Writes one byte range into a striped upload's shared partial file (from
+    :meth:`Root.open_range`), hashing the range as it goes."""
+
+    def __init__(self, fd: int, *, name: str, total_size: int) -> None:
+        self.name = name
+        self.total_size = total_size
+        self._fd = fd
+        self._sha256 = hashlib.sha256()
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` (ranges arrive in order within themselves)."""
+        view = memoryview(data)
+        if offset + view.nbytes > self.total_size:
+            raise TooLarge(f"{_show(self.name)}: range ends beyond {self.total_size} bytes")
+        self._sha256.update(view)
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+
+    def hexdigest(self) -> str:
+        """SHA-256 of this range so far."""
+        return self._sha256.hexdigest()
+
+    def close(self) -> None:
+        """Release the file (the partial stays for the other ranges and the commit)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 def _temp_name(final: str) -> str:

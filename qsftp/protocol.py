@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .wire import (
     PROTOCOL_VERSION,
+    Abort,
+    Commit,
     ConnAck,
     ConnRequest,
     ConnTerminate,
@@ -41,6 +43,7 @@ from .wire import (
     Message,
     MessageType,
     Put,
+    PutRange,
     Stat,
     encode,
     encode_data_header,
@@ -48,6 +51,9 @@ from .wire import (
 
 __all__ = [
     "CONTROL_STREAM_ID",
+    "AbortRequested",
+    "CommitRequested",
+    "PutRangeRequested",
     "ControlState",
     "DataReceived",
     "EntryReceived",
@@ -176,6 +182,52 @@ class StatRequested(Event):
     "Stream of the operation."
     path: str
     "Entry as sent (untrusted)."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutRangeRequested(Event):
+    """Server: one range of a striped upload starts."""
+
+    stream_id: int
+    "Stream of the operation."
+    name: str
+    "Final remote name as sent (untrusted)."
+    total_size: int
+    "Size of the whole file."
+    offset: int
+    "Where the range starts."
+    length: int
+    "Bytes in the range."
+    upload_id: bytes
+    "The upload's id."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitRequested(Event):
+    """Server: a striped upload is complete; verify and rename."""
+
+    stream_id: int
+    "Stream of the operation."
+    name: str
+    "Final remote name as sent (untrusted)."
+    total_size: int
+    "Size of the whole file."
+    upload_id: bytes
+    "The upload's id."
+    sha256: bytes
+    "SHA-256 the client computed over the whole file."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbortRequested(Event):
+    """Server: forget a striped upload."""
+
+    stream_id: int
+    "Stream of the operation."
+    name: str
+    "Final remote name as sent (untrusted)."
+    upload_id: bytes
+    "The upload's id."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -341,6 +393,9 @@ _REQUEST: dict[tuple[RequestState, MessageType | str], RequestState] = {
     (_RQ.IDLE, _T.GET): _RQ.ENDED,
     (_RQ.IDLE, _T.LIST): _RQ.ENDED,
     (_RQ.IDLE, _T.STAT): _RQ.ENDED,
+    (_RQ.IDLE, _T.PUT_RANGE): _RQ.BODY,
+    (_RQ.IDLE, _T.COMMIT): _RQ.ENDED,
+    (_RQ.IDLE, _T.ABORT): _RQ.ENDED,
     (_RQ.BODY, _T.DATA): _RQ.BODY,
     (_RQ.BODY, _T.END): _RQ.ENDED,
     (_RQ.ENDED, _FIN): _RQ.CLOSED,
@@ -373,6 +428,9 @@ _RESPONSE_FOR: dict[MessageType, ResponseState] = {
     _T.GET: _RS.GET_HEADER,
     _T.LIST: _RS.LIST_ENTRIES,
     _T.STAT: _RS.STAT_ENTRY,
+    _T.PUT_RANGE: _RS.PUT_RESULT,
+    _T.COMMIT: _RS.PUT_RESULT,
+    _T.ABORT: _RS.PUT_RESULT,
 }
 
 # Messages that may appear on operation streams at all; anything else there is a violation.
@@ -469,6 +527,37 @@ class QsftpConnection:
         stream.response = _RESPONSE_FOR[_T.PUT]
         stream.body_expected = size
         self._pending.append((stream_id, encode(Put(name=name, size=size)), False))
+
+    def send_put_range(
+        self,
+        stream_id: int,
+        *,
+        name: str,
+        total_size: int,
+        offset: int,
+        length: int,
+        upload_id: bytes,
+    ) -> None:
+        """Client: start one range of a striped upload on a new stream."""
+        stream = self._new_local_stream(stream_id)
+        self._request_step(stream, _T.PUT_RANGE, local=True)
+        stream.response = _RESPONSE_FOR[_T.PUT_RANGE]
+        stream.body_expected = length
+        msg = PutRange(
+            name=name, total_size=total_size, offset=offset, length=length, upload_id=upload_id
+        )
+        self._pending.append((stream_id, encode(msg), False))
+
+    def send_commit(
+        self, stream_id: int, *, name: str, total_size: int, upload_id: bytes, sha256: bytes
+    ) -> None:
+        """Client: every range is stored; ask the server to verify and rename."""
+        msg = Commit(name=name, total_size=total_size, upload_id=upload_id, sha256=sha256)
+        self._send_simple_request(stream_id, msg)
+
+    def send_abort(self, stream_id: int, *, name: str, upload_id: bytes) -> None:
+        """Client: forget a striped upload."""
+        self._send_simple_request(stream_id, Abort(name=name, upload_id=upload_id))
 
     def send_get(self, stream_id: int, name: str, *, chunk_size: int = 0) -> None:
         """Client: ask for a file on a new stream."""
@@ -675,6 +764,33 @@ class QsftpConnection:
             case Stat():
                 stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(StatRequested(stream_id=sid, path=msg.path))
+            case PutRange():
+                stream.response = _RESPONSE_FOR[msg.TYPE]
+                stream.body_expected = msg.length
+                events.append(
+                    PutRangeRequested(
+                        stream_id=sid,
+                        name=msg.name,
+                        total_size=msg.total_size,
+                        offset=msg.offset,
+                        length=msg.length,
+                        upload_id=msg.upload_id,
+                    )
+                )
+            case Commit():
+                stream.response = _RESPONSE_FOR[msg.TYPE]
+                events.append(
+                    CommitRequested(
+                        stream_id=sid,
+                        name=msg.name,
+                        total_size=msg.total_size,
+                        upload_id=msg.upload_id,
+                        sha256=msg.sha256,
+                    )
+                )
+            case Abort():
+                stream.response = _RESPONSE_FOR[msg.TYPE]
+                events.append(AbortRequested(stream_id=sid, name=msg.name, upload_id=msg.upload_id))
             case Data():
                 self._count_body(stream, len(msg.data))
                 if msg.data:

@@ -11,15 +11,15 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
@@ -28,6 +28,7 @@ from aioquic.quic.connection import QuicConnection
 from . import __version__, fs, trust
 from .errors import (
     BadRequest,
+    ChecksumMismatch,
     ErrorCode,
     LocalFileError,
     OperationError,
@@ -37,12 +38,15 @@ from .errors import (
     UsageError,
 )
 from .protocol import (
+    AbortRequested,
+    CommitRequested,
     ControlState,
     DataReceived,
     Event,
     GetRequested,
     ListRequested,
     ProtocolViolation,
+    PutRangeRequested,
     PutRequested,
     Role,
     SessionRequested,
@@ -56,7 +60,9 @@ from .session import (
     Channel,
     QsftpProtocol,
     cpu_time,
+    datagram_size_for,
     event_error,
+    is_loopback,
     loop_name,
     receive_body,
     run,
@@ -75,19 +81,20 @@ DEFAULT_ROOT = "received"
 # Largest upload accepted unless the operator says otherwise: 1 TiB, i.e. "no practical limit"
 # while still refusing absurd declared sizes before a byte is written.
 DEFAULT_MAX_FILE_SIZE = 1 << 40
+# How long a worker process may take to print its ready line, and to stop.
+_WORKER_START_TIMEOUT = 30.0
+_WORKER_STOP_TIMEOUT = 10.0
 # A client whose session was refused gets this long to read the ERROR before we close.
 _REJECT_GRACE = 1.0
 _SERVER_NAME = f"qsftp/{__version__}"
 _KINDS = {"file": EntryKind.FILE, "dir": EntryKind.DIR}
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _refuse_anonymous(host: str) -> NoReturn:
+    raise UsageError(
+        f"refusing to serve {host} without a token: set one (--token or QSFTP_TOKEN) "
+        "or pass --allow-anonymous"
+    )
 
 
 class QsftpServer:
@@ -127,7 +134,9 @@ class QsftpServer:
     def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> QsftpProtocol:
         return _ServerProtocol(quic, stream_handler, server=self, batch=self._batch)
 
-    async def _listen(self, host: str, port: int, configuration: QuicConfiguration) -> None:
+    async def _listen(
+        self, host: str, port: int, configuration: QuicConfiguration, *, reuse_port: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(
@@ -138,6 +147,8 @@ class QsftpServer:
         except (OSError, socket.gaierror) as exc:
             raise TransportError(f"cannot listen on {host}:{port}: {exc}") from exc
         try:
+            if reuse_port:  # several worker processes share the port; the kernel spreads
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # clients by 4-tuple
             sock.bind(address)
         except OSError as exc:
             sock.close()
@@ -212,7 +223,15 @@ class _ServerProtocol(QsftpProtocol):
             case TerminateReceived():
                 if qsftp.control_state is ControlState.CLIENT_CLOSING:
                     qsftp.terminate()
-            case PutRequested() | GetRequested() | ListRequested() | StatRequested():
+            case (
+                PutRequested()
+                | GetRequested()
+                | ListRequested()
+                | StatRequested()
+                | PutRangeRequested()
+                | CommitRequested()
+                | AbortRequested()
+            ):
                 channel = self.open_channel(event.stream_id)
                 self.server.spawn(self._run(channel, event))
             case ProtocolViolation():
@@ -241,6 +260,12 @@ class _ServerProtocol(QsftpProtocol):
                     await self._list(channel, request)
                 case StatRequested():
                     await self._stat(channel, request)
+                case PutRangeRequested():
+                    await self._put_range(channel, request)
+                case CommitRequested():
+                    await self._commit(channel, request)
+                case AbortRequested():
+                    await self._abort(channel, request)
         except OperationError as exc:
             logger.info("stream %d: %s: %s", stream_id, type(exc).__name__, exc.message)
             self._answer_error(stream_id, exc.error_code, exc.message)
@@ -270,8 +295,7 @@ class _ServerProtocol(QsftpProtocol):
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
-        if request.size > self.server.max_file_size:
-            raise TooLarge(f"{request.size} bytes exceeds the limit of {self.server.max_file_size}")
+        self._check_size(request.size)
         writer = await asyncio.to_thread(self.server.root.create_writer, name, size=request.size)
         try:
             cpu_start = cpu_time()
@@ -290,6 +314,70 @@ class _ServerProtocol(QsftpProtocol):
             )
         finally:
             writer.abort()
+
+    def _check_size(self, size: int) -> None:
+        if size > self.server.max_file_size:
+            raise TooLarge(f"{size} bytes exceeds the limit of {self.server.max_file_size}")
+
+    async def _put_range(self, channel: Channel, request: PutRangeRequested) -> None:
+        name = fs.normalize_name(request.name)
+        self._check_size(request.total_size)
+        writer = await asyncio.to_thread(
+            self.server.root.open_range,
+            name,
+            request.upload_id.hex(),
+            total_size=request.total_size,
+        )
+        position = request.offset
+
+        def write(data: bytes) -> None:  # runs in a worker thread, one call at a time
+            nonlocal position
+            writer.write_at(position, data)
+            position += len(data)
+
+        try:
+            cpu_start = cpu_time()
+            event = await channel.next_event()
+            if isinstance(event, DataReceived):
+                event = await receive_body(self, channel, write, first=event.data)
+            if not isinstance(event, UploadEnded):
+                raise event_error(event)
+            digest = writer.hexdigest()
+            if digest != event.sha256.hex():
+                raise ChecksumMismatch(f"range at {request.offset}: SHA-256 {digest} differs")
+            self.qsftp.send_done(
+                channel.stream_id,
+                size=request.length,
+                sha256=bytes.fromhex(digest),
+                server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
+            )
+        finally:
+            writer.close()
+
+    async def _commit(self, channel: Channel, request: CommitRequested) -> None:
+        name = fs.normalize_name(request.name)
+        cpu_start = cpu_time()
+        digest = await asyncio.to_thread(
+            self.server.root.commit_partial,
+            name,
+            request.upload_id.hex(),
+            total_size=request.total_size,
+            expected_sha256=request.sha256.hex(),
+        )
+        logger.info("stored %s (%d bytes, striped)", name, request.total_size)
+        self.qsftp.send_done(
+            channel.stream_id,
+            size=request.total_size,
+            sha256=bytes.fromhex(digest),
+            server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
+        )
+
+    async def _abort(self, channel: Channel, request: AbortRequested) -> None:
+        name = fs.normalize_name(request.name)
+        removed = await asyncio.to_thread(
+            self.server.root.abort_partial, name, request.upload_id.hex()
+        )
+        self.qsftp.send_done(channel.stream_id, size=int(removed))
 
     async def _get(self, channel: Channel, request: GetRequested) -> None:
         name = fs.normalize_name(request.name)
@@ -370,19 +458,18 @@ async def serve(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
     ``port=0`` picks a free port (read it from ``server.port``). Without ``cert``/``key`` a
     self-signed certificate is created once in ``state_dir`` (default: the user's state
     directory) and reused. Listening on a non-loopback address needs a ``token`` unless
-    ``allow_anonymous`` is set.
+    ``allow_anonymous`` is set. ``reuse_port`` sets SO_REUSEPORT so that several server
+    processes can share one port (``python -m qsftp.server --workers N``).
     """
-    if not token and not allow_anonymous and not _is_loopback(host):
-        raise UsageError(
-            f"refusing to serve {host} without a token: set one (--token or QSFTP_TOKEN) "
-            "or pass --allow-anonymous"
-        )
+    if not token and not allow_anonymous and not is_loopback(host):
+        _refuse_anonymous(host)
     if (cert is None) != (key is None):
         raise UsageError("give both a certificate and its key, or neither")
     if cert is None or key is None:
@@ -392,7 +479,7 @@ async def serve(
     configuration = server_configuration(
         certfile,
         keyfile,
-        max_datagram_size=max_datagram_size,
+        max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
     )
     fingerprint = trust.fingerprint(trust.load_certificate(certfile))
@@ -404,7 +491,7 @@ async def serve(
             fingerprint=fingerprint,
             max_file_size=max_file_size,
         )
-        await server._listen(host, port, configuration)
+        await server._listen(host, port, configuration, reuse_port=reuse_port)
         ready = asyncio.get_running_loop().create_future()
         supervisor = asyncio.create_task(server._supervise(ready))
         await ready
@@ -438,6 +525,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N server processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     return parser
 
@@ -463,6 +558,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         state_dir=args.state_dir,
         max_datagram_size=args.max_datagram_size,
         congestion_control=args.congestion_control,
+        reuse_port=args.reuse_port,
     ) as server:
         _out(
             f"qsftp server ready on {server.address}, root {server.root.path}, "
@@ -472,12 +568,99 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     _out("qsftp server stopped")
 
 
+_READY = re.compile(r"ready on (\S+), root (.+), certificate sha256:([0-9a-f]{64})")
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def _supervise_workers(args: argparse.Namespace, argv: list[str]) -> None:
+    """Start ``args.workers`` server processes on one port and stop them on SIGINT/SIGTERM."""
+    if args.cert is None or args.key is None:  # generated once here, shared by every worker
+        cert, key = trust.ensure_self_signed(Path(args.state_dir) if args.state_dir else None)
+        args.cert, args.key = str(cert), str(key)
+    port = args.port or _free_port(args.host)
+    command = [sys.executable, "-m", "qsftp.server", *argv, "--workers", "1", "--reuse-port"]
+    command += ["--port", str(port), "--cert", args.cert, "--key", args.key]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        match = None
+        for _ in range(args.workers):
+            worker = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            )
+            workers.append(worker)
+            assert worker.stdout is not None
+            try:
+                line = await asyncio.wait_for(worker.stdout.readline(), _WORKER_START_TIMEOUT)
+            except TimeoutError:
+                line = b""
+            match = _READY.search(line.decode(errors="replace"))
+            if match is None:
+                raise TransportError("a worker process did not start (see its error above)")
+        assert match is not None
+        _out(
+            f"qsftp server ready on {match.group(1)}, root {match.group(2)}, "
+            f"certificate sha256:{match.group(3)}, {args.workers} workers"
+        )
+        waiters = [asyncio.ensure_future(w.wait()) for w in workers]
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([*waiters, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.wait(), _WORKER_STOP_TIMEOUT)
+            except TimeoutError:
+                worker.kill()
+                await worker.wait()
+    _out("qsftp server stopped")
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The command line minus the options the supervisor sets for each worker itself."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        option = arg.split("=", 1)[0]
+        if option in ("--workers", "--port", "--cert", "--key"):
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m qsftp.server``."""
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.workers < 1:
+        _out("qsftp-server: error: --workers must be at least 1", err=True)
+        return 2
     try:
+        if args.workers > 1:
+            token = args.token or os.environ.get("QSFTP_TOKEN")
+            if not token and not args.allow_anonymous and not is_loopback(args.host):
+                _refuse_anonymous(args.host)
+            run(_supervise_workers(args, _worker_argv(raw)))
+            return 0
         run(_serve_until_signalled(args))
     except QsftpError as exc:
         _out(f"qsftp-server: error: {exc}", err=True)

@@ -23,6 +23,10 @@ from .errors import RemoteProtocolError
 
 __all__ = [
     "ALPN",
+    "UPLOAD_ID_LEN",
+    "Abort",
+    "Commit",
+    "PutRange",
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_PAYLOAD",
     "PROTOCOL_VERSION",
@@ -56,6 +60,8 @@ MAX_CONTROL_PAYLOAD = 64 * 1024
 # 16 MiB is far above any useful chunk size (aioquic datagrams carry at most ~16 KiB).
 MAX_DATA_PAYLOAD = 16 * 1024 * 1024
 _VARINT_MAX = (1 << 62) - 1
+# Striped uploads are named by 16 random bytes: collisions between clients are out of reach.
+UPLOAD_ID_LEN = 16
 _SHA256_LEN = 32
 
 
@@ -68,6 +74,9 @@ class MessageType(enum.IntEnum):
     GET = 0x11
     LIST = 0x12
     STAT = 0x13
+    PUT_RANGE = 0x14
+    COMMIT = 0x15
+    ABORT = 0x16
     DATA = 0x20
     END = 0x21
     FILE = 0x30
@@ -175,6 +184,53 @@ class Stat(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PutRange(Message):
+    """Client → server: one byte range of a striped upload; DATA frames and END follow.
+
+    Ranges with the same ``upload_id`` are written in place into one hidden partial file next
+    to ``name``; COMMIT verifies the whole file and gives it its name.
+    """
+
+    TYPE = MessageType.PUT_RANGE
+    name: str
+    "Final remote name."
+    total_size: int
+    "Size of the whole file."
+    offset: int
+    "Where this range starts."
+    length: int
+    "Bytes in this range (the DATA that follows)."
+    upload_id: bytes
+    "16 random bytes naming the upload."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit(Message):
+    """Client → server: every range of a striped upload is stored; verify and rename."""
+
+    TYPE = MessageType.COMMIT
+    name: str
+    "Final remote name."
+    total_size: int
+    "Size of the whole file."
+    upload_id: bytes
+    "The upload's id."
+    sha256: bytes
+    "SHA-256 of the whole file (32 bytes)."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Abort(Message):
+    """Client → server: forget a striped upload's partial file."""
+
+    TYPE = MessageType.ABORT
+    name: str
+    "Final remote name."
+    upload_id: bytes
+    "The upload's id."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Data(Message):
     """Either direction: file bytes."""
 
@@ -277,6 +333,20 @@ def _payload(msg: Message) -> bytes:
             return _text(msg.path) + _varint(int(msg.recursive))
         case Stat():
             return _text(msg.path)
+        case PutRange():
+            return (
+                _text(msg.name)
+                + _varint(msg.total_size)
+                + _varint(msg.offset)
+                + _varint(msg.length)
+                + _blob(msg.upload_id)
+            )
+        case Commit():
+            return (
+                _text(msg.name) + _varint(msg.total_size) + _blob(msg.upload_id) + _blob(msg.sha256)
+            )
+        case Abort():
+            return _text(msg.name) + _blob(msg.upload_id)
         case Data():
             return msg.data
         case End():
@@ -364,6 +434,13 @@ def _parse_varint(data: bytes | bytearray, pos: int) -> tuple[int | None, int]:
     return value, pos + length
 
 
+def _upload_id(r: _Reader) -> bytes:
+    value = r.blob(limit=UPLOAD_ID_LEN)
+    if len(value) != UPLOAD_ID_LEN:
+        raise RemoteProtocolError(f"upload id must be {UPLOAD_ID_LEN} bytes")
+    return value
+
+
 def _decode_control(kind: MessageType, payload: bytes) -> Message:
     r = _Reader(payload)
     msg: Message
@@ -384,6 +461,22 @@ def _decode_control(kind: MessageType, payload: bytes) -> Message:
             msg = List(path=r.text(), recursive=r.flag())
         case MessageType.STAT:
             msg = Stat(path=r.text())
+        case MessageType.PUT_RANGE:
+            name, total, offset, length = r.text(), r.varint(), r.varint(), r.varint()
+            upload_id = _upload_id(r)
+            if offset + length > total:
+                raise RemoteProtocolError("range ends beyond the file")
+            msg = PutRange(
+                name=name, total_size=total, offset=offset, length=length, upload_id=upload_id
+            )
+        case MessageType.COMMIT:
+            name, total, upload_id = r.text(), r.varint(), _upload_id(r)
+            digest = r.blob(limit=_SHA256_LEN)
+            if len(digest) != _SHA256_LEN:
+                raise RemoteProtocolError("COMMIT must carry a 32-byte SHA-256")
+            msg = Commit(name=name, total_size=total, upload_id=upload_id, sha256=digest)
+        case MessageType.ABORT:
+            msg = Abort(name=r.text(), upload_id=_upload_id(r))
         case MessageType.END:
             if len(payload) != _SHA256_LEN:
                 raise RemoteProtocolError("END must carry a 32-byte SHA-256")

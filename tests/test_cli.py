@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -646,3 +647,88 @@ def test_no_partial_files_left_in_the_shared_root(server: Server) -> None:
     """Runs last in this module: every upload above committed or cleaned up."""
     assert server.proc.poll() is None
     assert not list(server.root.rglob("*.qsftp-part"))
+
+
+def test_server_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    """--workers N runs N processes on one port (SO_REUSEPORT); a striped upload through
+    them assembles one verified file; SIGTERM stops every worker."""
+    env = _worker_env(tmp_path)
+    root = tmp_path / "wroot"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qsftp.server",
+            "--port",
+            "0",
+            "--root",
+            str(root),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        ready = _read_line(server.stdout, 30)
+        assert "2 workers" in ready, ready
+        port = int(re.search(r":(\d+),", ready).group(1))  # type: ignore[union-attr]
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom((9 << 20) + 3))
+        client = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qsftp.client",
+                str(src),
+                "--port",
+                str(port),
+                "--connections",
+                "2",
+                "--json",
+                "--insecure",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert client.returncode == 0, client.stderr
+        assert (root / "big.bin").read_bytes() == src.read_bytes()
+        children = _children(server.pid)
+        assert len(children) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert "stopped" in out
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def _worker_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        QSFTP_STATE_DIR=str(tmp_path / "wstate"),
+        QSFTP_CONFIG_DIR=str(tmp_path / "wconfig"),
+        QSFTP_KNOWN_HOSTS=str(tmp_path / "wknown"),
+        HOME=str(tmp_path),
+    )
+    return env
+
+
+def _read_line(stream: Any, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, "no ready line in time"
+    return str(stream.readline())
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(p) for p in out.split()]

@@ -496,3 +496,84 @@ def test_many_clients_at_once_are_all_served(tmp_path: Path) -> None:
     assert all(r.verified for r in results)
     for src in files:
         assert (root / "c" / src.name).read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize(("size", "connections"), [(0, 2), (1, 3), ((3 << 20) + 12345, 3)])
+def test_striped_upload_assembles_one_verified_file(
+    tmp_path: Path, size: int, connections: int
+) -> None:
+    src = make_file(tmp_path / "s.bin", size)
+    root = tmp_path / "root"
+
+    async def body() -> qsftp.TransferResult:
+        async with qsftp.serve(root) as server:
+            return await qsftp.upload(
+                src, server.host, server.port, remote_name="d/s.bin", connections=connections
+            )
+
+    result = run(body)
+    assert result.verified and result.connections == connections
+    assert result.sha256 == sha256(src)
+    assert (root / "d" / "s.bin").read_bytes() == src.read_bytes()
+    assert partials(root) == []
+
+
+def test_failed_striped_upload_leaves_no_partial_and_no_final(tmp_path: Path) -> None:
+    src = make_file(tmp_path / "s.bin", 3 << 20)
+    root = tmp_path / "root"
+    (root / "taken").mkdir(parents=True)
+
+    async def body() -> None:
+        async with qsftp.serve(root) as server:
+            with pytest.raises(qsftp.BadPath):
+                await qsftp.upload(
+                    src, server.host, server.port, remote_name="taken", connections=2
+                )
+
+    run(body)
+    assert (root / "taken").is_dir()
+    assert partials(root) == []
+
+
+def test_commit_of_ranges_with_the_wrong_digest_is_refused(tmp_path: Path) -> None:
+    """The server hashes the assembled file itself: a wrong whole-file digest fails."""
+    root = tmp_path / "root"
+
+    async def body() -> None:
+        async with qsftp.serve(root) as server, qsftp.connect(server.host, server.port) as conn:
+            upload_id = bytes(range(16))
+            src = make_file(tmp_path / "r.bin", 1000)
+            await conn._upload_range(
+                src,
+                name="r.bin",
+                total_size=1000,
+                offset=0,
+                length=1000,
+                upload_id=upload_id,
+                chunk_size=300,
+                progress=None,
+            )
+            with pytest.raises(qsftp.ChecksumMismatch):
+                await conn._finish_striped(
+                    name="r.bin", total_size=1000, upload_id=upload_id, sha256=bytes(32)
+                )
+
+    run(body)
+    assert not (root / "r.bin").exists()
+    assert partials(root) == []
+
+
+def test_datagram_size_defaults_to_large_on_loopback_and_is_recorded(tmp_path: Path) -> None:
+    src = make_file(tmp_path / "a.bin", 100_000)
+
+    async def body() -> None:
+        async with qsftp.serve(tmp_path / "root") as server:
+            async with qsftp.connect(server.host, server.port) as conn:
+                assert conn.max_datagram_size == qsftp.session.LOOPBACK_DATAGRAM_SIZE
+                assert (await conn.upload(src)).max_datagram_size == conn.max_datagram_size
+            async with qsftp.connect(server.host, server.port, max_datagram_size=1452) as conn:
+                assert (await conn.upload(src)).max_datagram_size == 1452
+
+    run(body)
+    assert qsftp.session.datagram_size_for("192.0.2.1", None) == 1200
+    assert qsftp.session.datagram_size_for("::ffff:127.0.0.1", None) == 16384

@@ -47,6 +47,8 @@ from qsftp.protocol import (
     UploadEnded,
 )
 from qsftp.wire import (
+    Abort,
+    Commit,
     ConnAck,
     ConnRequest,
     ConnTerminate,
@@ -63,6 +65,7 @@ from qsftp.wire import (
     Message,
     MessageType,
     Put,
+    PutRange,
     Stat,
     encode,
 )
@@ -618,6 +621,9 @@ SAMPLE: dict[MessageType, Message] = {
     _T.GET: Get(name="f"),
     _T.LIST: List(path=""),
     _T.STAT: Stat(path="f"),
+    _T.PUT_RANGE: PutRange(name="f", total_size=0, offset=0, length=0, upload_id=bytes(16)),
+    _T.COMMIT: Commit(name="f", total_size=0, upload_id=bytes(16), sha256=DIGEST),
+    _T.ABORT: Abort(name="f", upload_id=bytes(16)),
     _T.DATA: Data(data=b"x"),
     _T.END: End(sha256=DIGEST),
     _T.FILE: FileInfo(size=0, mtime_ns=0),

@@ -17,6 +17,8 @@ from qsftp.errors import ErrorCode, RemoteProtocolError
 from qsftp.wire import (
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
+    Abort,
+    Commit,
     ConnAck,
     ConnRequest,
     ConnTerminate,
@@ -33,6 +35,7 @@ from qsftp.wire import (
     Message,
     MessageType,
     Put,
+    PutRange,
     Stat,
     encode,
     encode_data_header,
@@ -85,6 +88,8 @@ def coalesce(messages: list[Message]) -> list[Message]:
     return out
 
 
+UID = bytes(range(16))
+
 # One instance of each message, with unicode, empty strings and every varint width.
 SAMPLES: list[Message] = [
     ConnRequest(version=1, token="s3cret-token", client="qsftp/0.1 (тест)"),
@@ -102,6 +107,10 @@ SAMPLES: list[Message] = [
     List(path="sub/dir"),
     Stat(path="😀/emoji"),
     Stat(path=""),
+    PutRange(name="big/файл.iso", total_size=VARINT_MAX, offset=2**30, length=2**20, upload_id=UID),
+    PutRange(name="f", total_size=0, offset=0, length=0, upload_id=UID),
+    Commit(name="big/файл.iso", total_size=2**40, upload_id=UID, sha256=DIGEST),
+    Abort(name="f", upload_id=UID),
     Data(data=b""),
     Data(data=b"\x00\xff" * 600),
     End(sha256=DIGEST),
