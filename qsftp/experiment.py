@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import __version__
 from .client import connect
@@ -327,8 +327,10 @@ async def _measure(
     remote: str,
     row: dict[str, Any],
     workdir: Path,
+    software: set[str],
 ) -> None:
-    """One transfer on a new connection; fills ``row`` (or its ``error``)."""
+    """One transfer on a new connection; fills ``row`` (or its ``error``) and adds what the
+    server says it runs (e.g. "qsftp/0.1.0 (uvloop)") to ``software``."""
     options = dict(target.options)
     if config.max_datagram_size is not None:
         options["max_datagram_size"] = config.max_datagram_size
@@ -336,6 +338,7 @@ async def _measure(
         options["congestion_control"] = config.congestion_control
     try:
         async with connect(target.host, target.port, **options) as conn:
+            software.add(conn.server)
             if config.direction == "upload":
                 result = await conn.upload(local, remote, chunk_size=config.chunk_size)
             else:
@@ -366,6 +369,16 @@ async def _measure(
         cpu_bound=seconds > 0
         and max(result.client_cpu_s, result.server_cpu_s) > CPU_BOUND_SHARE * seconds,
     )
+
+
+def _progress_bar(total: int, *, enabled: bool) -> tqdm:
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    # tqdm.auto draws a widget in Jupyter, and there warns at import time when ipywidgets is
+    # missing: imported only when a bar is wanted, so progress=False stays silent.
+    from tqdm.auto import tqdm as auto_tqdm  # noqa: PLC0415
+
+    return auto_tqdm(total=total, desc="qsftp sweep", unit="transfer")
 
 
 async def sweep(
@@ -413,6 +426,7 @@ async def sweep(
     files = Path(files_dir) if files_dir is not None else None
     local = {size: test_file(size, seed=file_seed, directory=files) for size in byte_sizes}
     rows: list[dict[str, Any]] = []
+    software: set[str] = set()  # the server's self-description, from CONN_ACK
     connection = "new"  # every transfer opens its own connection (handshake_ms is its own)
 
     with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
@@ -446,16 +460,12 @@ async def sweep(
                             remote=remote_name(size),
                             row=setup,
                             workdir=workdir,
+                            software=software,
                         )
                         if setup["error"]:
                             raise TransportError(f"could not place test file: {setup['error']}")
 
-            bar = tqdm(
-                total=len(order) + (1 if warmup else 0),
-                desc="qsftp sweep",
-                unit="transfer",
-                disable=not progress,
-            )
+            bar = _progress_bar(len(order) + (1 if warmup else 0), enabled=progress)
             with bar:
                 plan = [(order[0][0], -1, True)] if warmup else []
                 plan += [(config, repeat, False) for config, repeat in order]
@@ -470,6 +480,7 @@ async def sweep(
                         remote=name,
                         row=row,
                         workdir=workdir,
+                        software=software,
                     )
                     rows.append(row)
                     bar.update(1)
@@ -484,6 +495,7 @@ async def sweep(
         warmup=warmup,
         target="embedded" if target is None else f"{servers[next(iter(servers))].host}",
         connection=connection,
+        server_software=", ".join(sorted(software)),
     )
     return frame
 
@@ -555,7 +567,9 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     if src.suffix == ".parquet":
         frame = pd.read_parquet(src)
     else:
-        frame = pd.read_csv(src, keep_default_na=False, na_values=[""])
+        # Text columns stay text even when every cell is empty (an all-failed run's sha256).
+        text = {"sha256": str, "error": str}
+        frame = pd.read_csv(src, keep_default_na=False, na_values=[""], dtype=text)
         frame["error"] = frame["error"].fillna("").astype(str)
         frame["sha256"] = frame["sha256"].fillna("").astype(str)
         for column in ("verified", "warmup", "cpu_bound"):
@@ -583,7 +597,9 @@ def measured(df: pd.DataFrame) -> pd.DataFrame:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Median and interquartile range of throughput per configuration (Mbit/s)."""
     rows = measured(df)
-    keys = [c for c in _CONFIG_COLUMNS if c in rows.columns and rows[c].notna().any()]
+    # Keys come from every non-warm-up row, so a run in which everything failed still has them.
+    planned = df[~df["warmup"].astype(bool)]
+    keys = [c for c in _CONFIG_COLUMNS if c in planned.columns and planned[c].notna().any()]
     grouped = rows.groupby(keys, dropna=False)["throughput_mbps"]
     summary = grouped.agg(
         n="count",
@@ -592,7 +608,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         q3_mbps=lambda s: s.quantile(0.75),
     ).reset_index()
     summary["iqr_mbps"] = summary["q3_mbps"] - summary["q1_mbps"]
-    errors = df[~df["warmup"].astype(bool)].groupby(keys, dropna=False)["error"]
+    errors = planned.groupby(keys, dropna=False)["error"]
     failed = errors.agg(lambda s: int((s.fillna("") != "").sum())).rename("failed")
     summary = summary.merge(failed.reset_index(), on=keys, how="outer")
     summary["n"] = summary["n"].fillna(0).astype(int)

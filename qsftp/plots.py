@@ -1,10 +1,16 @@
 """Figures from sweep frames. Each function takes the frame and ``ax=None`` and returns the Axes
 (or the Figure for multi-panel plots); none calls ``plt.show()``. Warm-ups and failed transfers
-are left out; medians are drawn with the interquartile range of the repeats."""
+are left out; medians are drawn with the interquartile range of the repeats.
+
+Uploads and downloads are never pooled: where both are in the frame they are drawn apart
+(upload solid with circles, download dashed with squares), and the heatmap shows one of them.
+Sizes are labelled the way they were chosen: 64000 as "64 kB", 65536 as "64 KiB".
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +19,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullLocator
 
+from .errors import UsageError
 from .experiment import measured
 
 __all__ = [
@@ -26,21 +35,50 @@ __all__ = [
 ]
 
 _Y_LABEL = "throughput (Mbit/s)"
+_DIRECTIONS = ("upload", "download")
+_SHORT = {"upload": "up", "download": "down"}
+_STYLE: dict[str, dict[str, Any]] = {
+    "upload": {"linestyle": "-", "marker": "o"},
+    "download": {"linestyle": "--", "marker": "s"},
+}
+# Uploads and downloads at the same chunk size are nudged apart by this factor on the log2
+# axis, so their error bars do not hide each other.
+_DODGE = 2**0.05
+_PREFIXES = (("kB", "KiB"), ("MB", "MiB"), ("GB", "GiB"), ("TB", "TiB"))
 
 
-def _axes(ax: Axes | None, size: tuple[float, float] = (6.4, 4.2)) -> Axes:
+def _size_label(value: float) -> str:
+    """A byte count as it was probably chosen: "64 kB" for 64000 (a whole multiple of 1000^k),
+    "64 KiB" for 65536 (of 1024^k), otherwise plain bytes ("1500 B"). The largest unit that
+    divides wins; SI before binary when both do (256000 is "256 kB", not "250 KiB")."""
+    number = int(value)
+    if number != value or number <= 0:
+        return f"{value:g} B"
+    for power, (si, binary) in reversed(list(enumerate(_PREFIXES, start=1))):
+        for base, unit in ((1000**power, si), (1024**power, binary)):
+            if number % base == 0:
+                return f"{number // base} {unit}"
+    return f"{number} B"
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (6.4, 4.4)) -> Axes:
     if ax is not None:
         return ax
     _, new = plt.subplots(figsize=size, layout="constrained")
     return new
 
 
-def _human_bytes(value: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            number = value / scale
-            return f"{number:.0f} {unit}" if number == int(number) else f"{number:.1f} {unit}"
-    return f"{value:.0f} B"
+def _select(df: pd.DataFrame, direction: str | None) -> pd.DataFrame:
+    if direction is None:
+        return df
+    if direction not in _DIRECTIONS:
+        raise UsageError(f"direction must be upload or download, not {direction!r}")
+    return df[df["direction"] == direction]
+
+
+def _directions(df: pd.DataFrame) -> list[str]:
+    present = set(df["direction"])
+    return [d for d in _DIRECTIONS if d in present]
 
 
 def _stats(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -50,123 +88,219 @@ def _stats(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     ).reset_index()
 
 
-def _direction_title(df: pd.DataFrame, what: str) -> str:
-    directions = sorted(set(measured(df)["direction"]))
-    return f"{what} ({', '.join(directions)})" if directions else what
+def _colours(values: Sequence[Any], palette: str = "tab10") -> dict[Any, Any]:
+    """One colour per distinct value, in sorted order, so every figure of a frame agrees."""
+    ordered = sorted(set(values))
+    if palette == "tab10":
+        return {value: f"C{i % 10}" for i, value in enumerate(ordered)}
+    cmap = plt.get_cmap(palette)
+    return {
+        value: cmap(x)
+        for value, x in zip(ordered, np.linspace(0.0, 0.8, len(ordered)), strict=True)
+    }
+
+
+def _title(what: str, directions: list[str]) -> str:
+    return f"{what} — {directions[0]}" if len(directions) == 1 else what
+
+
+def _log_ticks(ax: Axes, values: Sequence[int], base: int) -> None:
+    """Log x axis with a labelled tick at every measured value and no other labels."""
+    ax.set_xscale("log", base=base)
+    ticks = sorted(set(values))
+    ax.set_xticks(ticks, [_size_label(v) for v in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _legend(ax: Axes, title: str, colours: dict[Any, Any], directions: list[str]) -> None:
+    handles = [
+        Line2D([], [], color=c, linewidth=2, label=_size_label(v)) for v, c in colours.items()
+    ]
+    if len(directions) > 1:
+        handles += [Line2D([], [], color="0.3", label=d, **_STYLE[d]) for d in directions]
+    ax.legend(
+        handles=handles, title=title, fontsize="small", title_fontsize="small", handlelength=3
+    )
+
+
+def _no_data(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "no successful transfers", ha="center", va="center", transform=ax.transAxes)
+
+
+def _finish(ax: Axes) -> None:
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
 
 
 def plot_sizes(df: pd.DataFrame, ax: Axes | None = None, *, direction: str | None = None) -> Axes:
-    """Throughput vs file size (log x), one line per chunk size: median and IQR band."""
+    """Throughput vs file size (log x), one line per chunk size and direction: median and IQR
+    band. ``direction`` keeps only "upload" or "download"."""
     ax = _axes(ax)
-    data = df if direction is None else df[df["direction"] == direction]
-    stats = _stats(data, ["chunk_size_bytes", "file_size_bytes"])
-    for chunk, unsorted in stats.groupby("chunk_size_bytes"):
+    data = _select(df, direction)
+    stats = _stats(data, ["direction", "chunk_size_bytes", "file_size_bytes"])
+    colours = _colours(list(measured(df)["chunk_size_bytes"]))
+    directions = _directions(stats)
+    for (way, chunk), unsorted in stats.groupby(["direction", "chunk_size_bytes"]):
         group = unsorted.sort_values("file_size_bytes")
         x = group["file_size_bytes"]
-        (line,) = ax.plot(x, group["median"], marker="o", label=f"chunk {_human_bytes(chunk)}")
-        ax.fill_between(x, group["q1"], group["q3"], color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log")
+        colour = colours[chunk]
+        ax.plot(x, group["median"], color=colour, **_STYLE[str(way)])
+        ax.fill_between(x, group["q1"], group["q3"], color=colour, alpha=0.15, linewidth=0)
+    if stats.empty:
+        _no_data(ax)
+    else:
+        _log_ticks(ax, list(stats["file_size_bytes"]), 10)
+        used = {c: colours[c] for c in sorted(set(stats["chunk_size_bytes"]))}
+        _legend(ax, "chunk size (median, IQR)", used, directions)
     ax.set_xlabel("file size (bytes, log scale)")
     ax.set_ylabel(_Y_LABEL)
-    ax.set_title(_direction_title(data, "Throughput vs file size"))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="median, IQR band", fontsize="small")
+    ax.set_title(_title("Throughput vs file size", directions))
+    _finish(ax)
     return ax
 
 
 def plot_chunk_size(
     df: pd.DataFrame, ax: Axes | None = None, *, direction: str | None = None
 ) -> Axes:
-    """Throughput vs chunk size (log x), one line per file size: median and IQR error bars."""
+    """Throughput vs chunk size (log₂ x), one line per file size and direction: median and
+    IQR error bars. ``direction`` keeps only "upload" or "download"."""
     ax = _axes(ax)
-    data = df if direction is None else df[df["direction"] == direction]
-    stats = _stats(data, ["file_size_bytes", "chunk_size_bytes"])
-    for size, unsorted in stats.groupby("file_size_bytes"):
+    data = _select(df, direction)
+    stats = _stats(data, ["direction", "file_size_bytes", "chunk_size_bytes"])
+    colours = _colours(list(measured(df)["file_size_bytes"]), palette="plasma")
+    directions = _directions(stats)
+    for (way, size), unsorted in stats.groupby(["direction", "file_size_bytes"]):
         group = unsorted.sort_values("chunk_size_bytes")
+        x = group["chunk_size_bytes"].astype(float)
+        if len(directions) > 1:
+            x = x * (_DODGE if way == "download" else 1 / _DODGE)
         error = np.vstack([group["median"] - group["q1"], group["q3"] - group["median"]])
         ax.errorbar(
-            group["chunk_size_bytes"],
-            group["median"],
-            yerr=error,
-            marker="o",
-            capsize=3,
-            label=f"file {_human_bytes(size)}",
+            x, group["median"], yerr=error, color=colours[size], capsize=3, **_STYLE[str(way)]
         )
-    ax.set_xscale("log", base=2)
+    if stats.empty:
+        _no_data(ax)
+    else:
+        _log_ticks(ax, list(stats["chunk_size_bytes"]), 2)
+        used = {s: colours[s] for s in sorted(set(stats["file_size_bytes"]))}
+        _legend(ax, "file size (median, IQR)", used, directions)
     ax.set_xlabel("chunk size (bytes, log scale)")
     ax.set_ylabel(_Y_LABEL)
-    ax.set_title(_direction_title(data, "Throughput vs chunk size"))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="median, IQR", fontsize="small")
+    ax.set_title(_title("Throughput vs chunk size", directions))
+    _finish(ax)
     return ax
 
 
 def plot_heatmap(df: pd.DataFrame, ax: Axes | None = None, *, direction: str | None = None) -> Axes:
-    """Median throughput over file size × chunk size, values written in the cells."""
-    ax = _axes(ax)
-    data = df if direction is None else df[df["direction"] == direction]
-    stats = _stats(data, ["file_size_bytes", "chunk_size_bytes"])
+    """Median throughput (Mbit/s) over file size × chunk size for one direction (default:
+    upload if the frame has uploads), the value written in each cell."""
+    ax = _axes(ax, (6.4, 4.8))
+    present = _directions(measured(df))
+    chosen = direction or (present[0] if present else "upload")
+    stats = _stats(_select(df, chosen), ["file_size_bytes", "chunk_size_bytes"])
+    ax.set_title(f"Median throughput (Mbit/s) — {chosen}")
+    ax.set_xlabel("chunk size (bytes)")
+    ax.set_ylabel("file size (bytes)")
+    if stats.empty:
+        _no_data(ax)
+        return ax
     grid = stats.pivot(index="file_size_bytes", columns="chunk_size_bytes", values="median")
-    image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(grid.columns)), [_human_bytes(c) for c in grid.columns])
-    ax.set_yticks(range(len(grid.index)), [_human_bytes(s) for s in grid.index])
-    ax.set_xlabel("chunk size")
-    ax.set_ylabel("file size")
-    ax.set_title(_direction_title(data, "Median throughput (Mbit/s)"))
-    finite = grid.to_numpy(dtype=float)
-    threshold = np.nanmean(finite) if np.isfinite(finite).any() else 0.0
-    for (row, col), value in np.ndenumerate(finite):
+    values = grid.to_numpy(dtype=float)
+    ax.imshow(values, cmap="viridis", aspect="auto", origin="lower", vmin=0)
+    ax.set_xticks(range(len(grid.columns)), [_size_label(c) for c in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [_size_label(s) for s in grid.index])
+    peak = float(np.nanmax(values))
+    for (row, col), value in np.ndenumerate(values):
         if np.isfinite(value):
-            colour = "black" if value > threshold else "white"
+            # dark text on the light (high) end of viridis, light text on the dark end
+            colour = "black" if value > 0.5 * peak else "white"
             ax.text(col, row, f"{value:.0f}", ha="center", va="center", color=colour)
-    ax.figure.colorbar(image, ax=ax, label=_Y_LABEL)
     return ax
 
 
 def plot_distribution(
     df: pd.DataFrame, ax: Axes | None = None, *, direction: str | None = None
 ) -> Axes:
-    """Every repeat of every configuration: box plot with the individual points over it."""
-    ax = _axes(ax, (max(6.4, 0.5 * _config_count(df) + 2), 4.2))
-    data = measured(df if direction is None else df[df["direction"] == direction])
-    groups = list(data.groupby(["direction", "file_size_bytes", "chunk_size_bytes"]))
-    values = [group["throughput_mbps"].to_numpy() for _, group in groups]
-    labels = [f"{d[0]}\n{_human_bytes(s)}\n{_human_bytes(c)}" for (d, s, c), _ in groups]
+    """Every repeat of every configuration: a box plot with the individual transfers over it
+    (marker = direction, colour = chunk size, as in :func:`plot_sizes`)."""
+    data = measured(_select(df, direction))
+    keys = ["direction", "file_size_bytes", "chunk_size_bytes"]
+    configs = data[keys].drop_duplicates()
+    ax = _axes(ax, (max(6.4, 0.45 * len(configs) + 2.0), 4.8))
+    rank = {d: i for i, d in enumerate(_DIRECTIONS)}
+    ordered = sorted(data.groupby(keys), key=lambda item: (rank[item[0][0]], *item[0][1:]))
+    colours = _colours(list(measured(df)["chunk_size_bytes"]))
+    values = [group["throughput_mbps"].to_numpy() for _, group in ordered]
+    labels = [f"{_SHORT[d]} {_size_label(s)} / {_size_label(c)}" for (d, s, c), _ in ordered]
     if values:
-        ax.boxplot(values, showfliers=False)
+        ax.boxplot(
+            values,
+            showfliers=False,
+            widths=0.6,
+            medianprops={"color": "black", "linewidth": 1.5},
+            boxprops={"color": "0.4"},
+            whiskerprops={"color": "0.4"},
+            capprops={"color": "0.4"},
+        )
         rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
-        for position, points in enumerate(values, start=1):
-            jitter = rng.uniform(-0.12, 0.12, size=len(points))
-            ax.scatter(position + jitter, points, s=12, alpha=0.7, zorder=3)
-        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize="x-small")
-    ax.set_xlabel("configuration (direction / file size / chunk size)")
+        for position, ((way, _, chunk), group) in enumerate(ordered, start=1):
+            points = group["throughput_mbps"].to_numpy()
+            jitter = rng.uniform(-0.15, 0.15, size=len(points))
+            ax.scatter(
+                position + jitter,
+                points,
+                s=16,
+                alpha=0.8,
+                zorder=3,
+                color=colours[chunk],
+                marker=_STYLE[way]["marker"],
+            )
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right")
+        ax.tick_params(axis="x", labelsize="small")
+        ways = [key[0] for key, _ in ordered]
+        for position in range(1, len(ways)):
+            if ways[position] != ways[position - 1]:
+                ax.axvline(position + 0.5, color="0.5", linewidth=1, linestyle=":")
+    else:
+        _no_data(ax)
+    ax.set_xlabel("configuration (direction, file size / chunk size)")
     ax.set_ylabel(_Y_LABEL)
-    ax.set_title("Spread of repeats per configuration")
+    ax.set_title(_title("Throughput of every transfer", _directions(data)))
+    ax.set_ylim(bottom=0)
     ax.grid(True, axis="y", alpha=0.3)
     return ax
 
 
-def _config_count(df: pd.DataFrame) -> int:
-    columns = ["direction", "file_size_bytes", "chunk_size_bytes"]
-    return int(measured(df)[columns].drop_duplicates().shape[0])
-
-
-def plot_overview(df: pd.DataFrame) -> Figure:
-    """A 2 × 2 figure: sizes, chunk sizes, heatmap and spread, with the run's metadata."""
-    figure, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
-    plot_sizes(df, axes[0][0])
-    plot_chunk_size(df, axes[0][1])
-    plot_heatmap(df, axes[1][0])
-    plot_distribution(df, axes[1][1])
-    attrs: dict[str, Any] = dict(df.attrs)
-    figure.suptitle(
-        "QSFTP throughput — "
-        f"qsftp {attrs.get('qsftp_version', '?')}, aioquic {attrs.get('aioquic_version', '?')}, "
-        f"Python {attrs.get('python_version', '?')}, {attrs.get('cpu_count', '?')} cores, "
-        f"run {attrs.get('run_id', '?')}",
-        fontsize="medium",
+def plot_overview(df: pd.DataFrame, *, direction: str | None = None) -> Figure:
+    """Four panels: sizes, chunk sizes and the heatmap (upload, if present) on top, every
+    transfer across the bottom; the run's versions and machine in the title."""
+    figure, axes = plt.subplot_mosaic(
+        [["sizes", "chunks", "heatmap"], ["spread", "spread", "spread"]],
+        figsize=(18, 10),
+        layout="constrained",
+        height_ratios=[1, 1.1],
     )
+    plot_sizes(df, axes["sizes"], direction=direction)
+    plot_chunk_size(df, axes["chunks"], direction=direction)
+    plot_heatmap(df, axes["heatmap"], direction=direction)
+    plot_distribution(df, axes["spread"], direction=direction)
+    figure.suptitle(_run_title(df), fontsize="large")
     return figure
+
+
+def _run_title(df: pd.DataFrame) -> str:
+    attrs: dict[str, Any] = dict(df.attrs)
+    target = attrs.get("target", "embedded")
+    where = "loopback (embedded server)" if target == "embedded" else str(target)
+    datagrams = sorted({int(d) for d in measured(df)["max_datagram_size"].dropna()})
+    sizes = "/".join(str(d) for d in datagrams)
+    return (
+        f"QSFTP throughput, {where}"
+        + (f", {sizes}-byte datagrams" if datagrams else "")
+        + f" — qsftp {attrs.get('qsftp_version', '?')}, aioquic {attrs.get('aioquic_version', '?')}"
+        + f", Python {attrs.get('python_version', '?')}, {attrs.get('cpu_count', '?')} CPUs"
+        + f"; run {attrs.get('run_id', '?')}"
+    )
 
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
