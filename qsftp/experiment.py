@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .client import connect
 from .errors import QsftpError, TransportError, UsageError
-from .session import DEFAULT_CHUNK_SIZE
+from .session import DEFAULT_CHUNK_SIZE, datagram_size_for
 
 __all__ = [
     "COLUMNS",
@@ -62,6 +62,8 @@ SCHEMA_VERSION = 1
 # Above this share of the transfer's wall time spent on a CPU, the figure measures Python on
 # that side rather than the network (iperf3 reports CPU use for the same reason).
 CPU_BOUND_SHARE = 0.9
+# aioquic's default congestion controller, recorded when a configuration does not choose one.
+DEFAULT_CONGESTION_CONTROL = "reno"
 # How long the embedded server may take to print its ready line.
 _SERVER_START_TIMEOUT = 30.0
 # Test files are written in blocks of this size, so a large file never sits in memory.
@@ -99,6 +101,7 @@ COLUMNS = [
     "seconds",
     "throughput_mbps",
     "handshake_ms",
+    "session_ms",
     "verified",
     "sha256",
     "smoothed_rtt_ms",
@@ -113,6 +116,8 @@ COLUMNS = [
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string: "64KB" = 64 000 (SI), "64KiB" = 65 536 (binary)."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise UsageError(f"cannot read size {size!r} (try 65536, '64KB' or '64KiB')")
     if isinstance(size, int):
         if size < 0:
             raise UsageError(f"negative size {size}")
@@ -121,7 +126,10 @@ def parse_size(size: int | str) -> int:
     unit = (match.group(2) or "").lower() if match else ""
     if match is None or unit not in _UNITS:
         raise UsageError(f"cannot read size {size!r} (try 65536, '64KB' or '64KiB')")
-    return int(float(match.group(1)) * _UNITS[unit])
+    value = float(match.group(1)) * _UNITS[unit]
+    if value != int(value):
+        raise UsageError(f"{size!r} is not a whole number of bytes")
+    return int(value)
 
 
 def cache_dir() -> Path:
@@ -331,6 +339,10 @@ async def _measure(
 ) -> None:
     """One transfer on a new connection; fills ``row`` (or its ``error``) and adds what the
     server says it runs (e.g. "qsftp/0.1.0 (uvloop)") to ``software``."""
+    # The settings in effect, also for a row that fails before a connection reports them,
+    # so failed and successful transfers of one configuration group together.
+    row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
+    row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
     options = dict(target.options)
     if config.max_datagram_size is not None:
         options["max_datagram_size"] = config.max_datagram_size
@@ -357,6 +369,7 @@ async def _measure(
         seconds=seconds,
         throughput_mbps=result.size * 8 / seconds / 1e6 if seconds > 0 else float("nan"),
         handshake_ms=result.handshake_ms,
+        session_ms=result.session_ms,
         verified=result.verified,
         sha256=result.sha256,
         smoothed_rtt_ms=result.smoothed_rtt_ms,
