@@ -288,6 +288,22 @@ class QsftpProtocol(QuicConnectionProtocol):
             congestion_window=loss.congestion_window,
         )
 
+    def discard(self) -> None:
+        """Stop this connection's timer: the caller closes the socket without waiting for
+        aioquic's closing period, and nothing may fire on the connection afterwards."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transmit_task is not None:
+            self._transmit_task.cancel()
+            self._transmit_task = None
+        if self.terminated is None:
+            self._connection_lost(
+                quic_events.ConnectionTerminated(
+                    error_code=0, frame_type=None, reason_phrase="closed by this side"
+                )
+            )
+
     def abandon_connect_waiter(self) -> None:
         """After a timed-out ``wait_connected``: aioquic still fails its (shielded) waiter when
         the connection closes; mark that failure as seen so asyncio does not log it."""
