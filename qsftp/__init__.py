@@ -46,7 +46,7 @@ if TYPE_CHECKING:
         plot_sizes,
         save_figure,
     )
-    from .server import QsftpServer, serve
+    from .server import Limits, QsftpServer, serve
 
 __all__ = [
     "AuthFailed",
@@ -61,6 +61,7 @@ __all__ = [
     "ErrorCode",
     "InternalError",
     "LocalFileError",
+    "Limits",
     "LocalProtocolError",
     "NoSpace",
     "NotFound",
@@ -121,6 +122,7 @@ _EXPORTS: dict[str, str] = {
     "UsageError": "errors",
     "Entry": "fs",
     "QsftpServer": "server",
+    "Limits": "server",
     "serve": "server",
     "load_results": "experiment",
     "save_results": "experiment",

@@ -359,6 +359,11 @@ class Root:
                 raise _kind_error(name, st, want_dir=False)
         return AtomicWriter(parent, parts[-1], name=name, size=size, refuse=BadPath)
 
+    def free_bytes(self) -> int:
+        """Bytes available to an unprivileged writer on the root's file system."""
+        st = os.fstatvfs(self._root_fd())
+        return st.f_bavail * st.f_frsize
+
     def open_range(self, name: str, upload_id: str, *, total_size: int) -> RangeWriter:
         """Open the shared partial file of striped upload ``upload_id`` of ``name`` for one
         range; the file is created (at ``total_size`` bytes) by whichever range comes first."""

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +32,7 @@ from .errors import (
     ChecksumMismatch,
     ErrorCode,
     LocalFileError,
+    NoSpace,
     OperationError,
     QsftpError,
     TooLarge,
@@ -72,15 +74,41 @@ from .session import (
 from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_ROOT", "QsftpServer", "main", "serve"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_PORT",
+    "DEFAULT_ROOT",
+    "Limits",
+    "QsftpServer",
+    "main",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5000  # the prototype's port, kept
 DEFAULT_ROOT = "received"
-# Largest upload accepted unless the operator says otherwise: 1 TiB, i.e. "no practical limit"
-# while still refusing absurd declared sizes before a byte is written.
-DEFAULT_MAX_FILE_SIZE = 1 << 40
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What one server accepts; every limit has a default (docs/SECURITY.md lists them)."""
+
+    max_file_size: int = 1 << 40
+    "Largest upload, bytes: 1 TiB is no practical limit, but absurd sizes fail before a byte."
+    max_connections: int = 256
+    "Sessions open at once; more are refused with BUSY. Each costs ~100 KB plus its transfers."
+    max_operations: int = 64
+    "Operations at once on one connection (QUIC allows 128 streams); more get BUSY."
+    session_deadline: float = 10.0
+    "Seconds from a connection's first packet to its CONN_REQUEST; silent connections close."
+    idle_timeout: float = 60.0
+    "QUIC idle timeout, seconds: a peer that sends nothing for this long is dropped."
+    free_space_reserve: int = 64 * 1024 * 1024
+    "An upload must leave this much free space on the root's file system, bytes."
+
+
+DEFAULT_LIMITS = Limits()
 # How long a worker process may take to print its ready line, and to stop.
 _WORKER_START_TIMEOUT = 30.0
 _WORKER_STOP_TIMEOUT = 10.0
@@ -107,12 +135,13 @@ class QsftpServer:
         token: str | None,
         certfile: Path,
         fingerprint: str,
-        max_file_size: int,
+        limits: Limits,
     ) -> None:
         self.root = root
         self.certfile = certfile
         self.fingerprint = fingerprint
-        self.max_file_size = max_file_size
+        self.limits = limits
+        self.sessions: set[QsftpProtocol] = set()
         self.host = ""
         self.port = 0
         self._token = token
@@ -135,7 +164,13 @@ class QsftpServer:
         return _ServerProtocol(quic, stream_handler, server=self, batch=self._batch)
 
     async def _listen(
-        self, host: str, port: int, configuration: QuicConfiguration, *, reuse_port: bool
+        self,
+        host: str,
+        port: int,
+        configuration: QuicConfiguration,
+        *,
+        reuse_port: bool,
+        retry: bool,
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -153,7 +188,10 @@ class QsftpServer:
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        quic = QuicServer(configuration=configuration, create_protocol=self._create_protocol)
+        # retry: QUIC address validation, one extra round trip before any state is kept.
+        quic = QuicServer(
+            configuration=configuration, create_protocol=self._create_protocol, retry=retry
+        )
         endpoint = DatagramEndpoint(
             sock,
             receive=quic.datagram_received,
@@ -208,19 +246,44 @@ class _ServerProtocol(QsftpProtocol):
     ) -> None:
         super().__init__(quic, stream_handler, batch=batch)
         self.server = server
+        # A connection that has not asked for a session by then is closed: handshakes alone
+        # must not hold server state forever.
+        self._deadline: asyncio.TimerHandle | None = self.loop.call_later(
+            server.limits.session_deadline, self._deadline_passed
+        )
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if not self.qsftp.session_open and self.terminated is None:
+            logger.info("closing a connection that opened no session in time")
+            self.close(ErrorCode.AUTH_FAILED, "no session request in time")
+
+    def _connection_lost(self, event: Any) -> None:
+        super()._connection_lost(event)
+        self.server.sessions.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def handle_event(self, event: Event) -> None:
         qsftp = self.qsftp
         match event:
             case SessionRequested():
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                    self._deadline = None
                 if event.version != PROTOCOL_VERSION:
                     self._reject(ErrorCode.BAD_REQUEST, f"unsupported version {event.version}")
                 elif not self.server.check_token(event.token):
                     text = "invalid token" if event.token else "this server requires a token"
                     self._reject(ErrorCode.AUTH_FAILED, text)
+                elif len(self.server.sessions) >= self.server.limits.max_connections:
+                    self._reject(ErrorCode.BUSY, "too many connections; try again later")
                 else:
+                    self.server.sessions.add(self)
                     qsftp.accept_session(server=f"{_SERVER_NAME} ({loop_name()})")
             case TerminateReceived():
+                self.server.sessions.discard(self)  # the session is over: free its slot now
                 if qsftp.control_state is ControlState.CLIENT_CLOSING:
                     qsftp.terminate()
             case (
@@ -232,6 +295,11 @@ class _ServerProtocol(QsftpProtocol):
                 | CommitRequested()
                 | AbortRequested()
             ):
+                if len(self.channels) >= self.server.limits.max_operations:
+                    self._answer_error(
+                        event.stream_id, ErrorCode.BUSY, "too many operations on this connection"
+                    )
+                    return
                 channel = self.open_channel(event.stream_id)
                 self.server.spawn(self._run(channel, event))
             case ProtocolViolation():
@@ -295,7 +363,7 @@ class _ServerProtocol(QsftpProtocol):
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
-        self._check_size(request.size)
+        self._check_size(request.size, writes=request.size)
         writer = await asyncio.to_thread(self.server.root.create_writer, name, size=request.size)
         try:
             cpu_start = cpu_time()
@@ -315,13 +383,18 @@ class _ServerProtocol(QsftpProtocol):
         finally:
             writer.abort()
 
-    def _check_size(self, size: int) -> None:
-        if size > self.server.max_file_size:
-            raise TooLarge(f"{size} bytes exceeds the limit of {self.server.max_file_size}")
+    def _check_size(self, size: int, *, writes: int) -> None:
+        """``size`` is the whole file's; ``writes`` the bytes this operation will add."""
+        limit = self.server.limits.max_file_size
+        if size > limit:
+            raise TooLarge(f"{size} bytes exceeds the limit of {limit}")
+        free = self.server.root.free_bytes() - self.server.limits.free_space_reserve
+        if writes > free:
+            raise NoSpace(f"{writes} bytes do not fit: {max(free, 0)} bytes free for uploads")
 
     async def _put_range(self, channel: Channel, request: PutRangeRequested) -> None:
         name = fs.normalize_name(request.name)
-        self._check_size(request.total_size)
+        self._check_size(request.total_size, writes=request.length)
         writer = await asyncio.to_thread(
             self.server.root.open_range,
             name,
@@ -428,11 +501,14 @@ def server_configuration(
     certfile: Path,
     keyfile: Path,
     *,
+    idle_timeout: float = DEFAULT_LIMITS.idle_timeout,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
 ) -> QuicConfiguration:
     """The QUIC settings of a qsftp/1 server."""
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    configuration = QuicConfiguration(
+        is_client=False, alpn_protocols=[ALPN], idle_timeout=idle_timeout
+    )
     if max_datagram_size is not None:
         configuration.max_datagram_size = max_datagram_size
     if congestion_control is not None:
@@ -455,7 +531,8 @@ async def serve(
     key: str | os.PathLike[str] | None = None,
     allow_anonymous: bool = False,
     state_dir: str | os.PathLike[str] | None = None,
-    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+    limits: Limits = DEFAULT_LIMITS,
+    retry: bool = False,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
     reuse_port: bool = False,
@@ -479,6 +556,7 @@ async def serve(
     configuration = server_configuration(
         certfile,
         keyfile,
+        idle_timeout=limits.idle_timeout,
         max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
     )
@@ -489,9 +567,9 @@ async def serve(
             token=token,
             certfile=certfile,
             fingerprint=fingerprint,
-            max_file_size=max_file_size,
+            limits=limits,
         )
-        await server._listen(host, port, configuration, reuse_port=reuse_port)
+        await server._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
         ready = asyncio.get_running_loop().create_future()
         supervisor = asyncio.create_task(server._supervise(ready))
         await ready
@@ -524,6 +602,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
+    )
+    limits = parser.add_argument_group("limits (docs/SECURITY.md)")
+    limits.add_argument("--max-file-size", type=int, default=DEFAULT_LIMITS.max_file_size)
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_LIMITS.max_connections)
+    limits.add_argument("--max-operations", type=int, default=DEFAULT_LIMITS.max_operations)
+    limits.add_argument(
+        "--session-deadline", type=float, default=DEFAULT_LIMITS.session_deadline, metavar="S"
+    )
+    limits.add_argument(
+        "--idle-timeout", type=float, default=DEFAULT_LIMITS.idle_timeout, metavar="S"
+    )
+    limits.add_argument("--free-space-reserve", type=int, default=DEFAULT_LIMITS.free_space_reserve)
+    parser.add_argument(
+        "--retry", action="store_true", help="QUIC address validation (one more round trip)"
     )
     parser.add_argument(
         "--workers",
@@ -559,6 +651,15 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         max_datagram_size=args.max_datagram_size,
         congestion_control=args.congestion_control,
         reuse_port=args.reuse_port,
+        retry=args.retry,
+        limits=Limits(
+            max_file_size=args.max_file_size,
+            max_connections=args.max_connections,
+            max_operations=args.max_operations,
+            session_deadline=args.session_deadline,
+            idle_timeout=args.idle_timeout,
+            free_space_reserve=args.free_space_reserve,
+        ),
     ) as server:
         _out(
             f"qsftp server ready on {server.address}, root {server.root.path}, "

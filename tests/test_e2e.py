@@ -6,16 +6,15 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import make_file, partials, run, sha256
 
 import qsftp
 from qsftp import fs, trust
-
-TIMEOUT = 60
+from qsftp.server import Limits
 
 
 @pytest.fixture(autouse=True)
@@ -25,28 +24,6 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
     monkeypatch.delenv("QSFTP_TOKEN", raising=False)
-
-
-def run(body: Callable[[], Awaitable[Any]]) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(body(), TIMEOUT)
-
-    return asyncio.run(bounded())
-
-
-def make_file(path: Path, size: int, seed: int = 1) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = __import__("random").Random(seed)
-    path.write_bytes(rng.randbytes(size))
-    return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def partials(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(fs.PARTIAL_SUFFIX)]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +203,7 @@ def test_oversized_upload_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     root = tmp_path / "root"
 
     async def body() -> None:
-        async with qsftp.serve(root, max_file_size=100_000) as server:
+        async with qsftp.serve(root, limits=Limits(max_file_size=100_000)) as server:
             with pytest.raises(qsftp.TooLarge):
                 await qsftp.upload(src, server.host, server.port)
             small = make_file(tmp_path / "small.bin", 1000)
