@@ -594,16 +594,21 @@ async def receive_body(
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a CLI's main coroutine on uvloop when it is installed (the ``fast`` extra), else on
-    asyncio's default loop. Set QSFTP_LOOP=asyncio to refuse uvloop. Library code never calls
-    this: in a notebook the kernel's loop is used as it is."""
-    if os.environ.get("QSFTP_LOOP", "") != "asyncio":
+    """Run a CLI's main coroutine: on asyncio's default loop, or on uvloop when QSFTP_LOOP is
+    "uvloop" (the ``fast`` extra installs it). Library code never calls this: in a notebook
+    the kernel's loop is used as it is.
+
+    uvloop is not the default because its timers have 1 ms resolution: aioquic's pacer and ACK
+    timers ask for sub-millisecond waits on fast paths, and rounded up they made transfers
+    bimodal (docs/PERFORMANCE.md).
+    """
+    if os.environ.get("QSFTP_LOOP", "asyncio") == "uvloop":
         try:
             import uvloop  # noqa: PLC0415 - optional
 
             return uvloop.run(main)
         except ImportError:
-            pass
+            logger.warning("QSFTP_LOOP=uvloop, but uvloop is not installed: using asyncio")
     return asyncio.run(main)
 
 
