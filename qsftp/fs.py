@@ -43,6 +43,7 @@ import os
 import pathlib
 import secrets
 import stat
+import threading
 import unicodedata
 from dataclasses import dataclass
 from types import TracebackType
@@ -71,6 +72,7 @@ __all__ = [
     "normalize_name",
     "open_local_writer",
     "sha256_file",
+    "sync_directory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -425,7 +427,7 @@ class Root:
             self._check_target(parent, parts[-1], name)
             try:
                 os.replace(partial, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-                os.fsync(parent)
+                sync_directory(parent)
             except OSError as exc:
                 raise _write_error(exc, name) from None
         finally:
@@ -528,6 +530,59 @@ class Root:
                 self._scan(child, rel, recursive, out)
             finally:
                 os.close(child)
+
+
+class _DirectorySync:
+    """Group commit for one directory: a sync that starts after a rename covers it, so
+    concurrent renames in one directory share fsync calls instead of queueing one each."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.requested = 0  # renames that asked for a sync
+        self.done = 0  # every request up to this number is durable
+        self.running = False
+        self.users = 0  # callers inside sync_directory; the entry goes when none are left
+
+
+_DIRECTORY_SYNCS: dict[tuple[int, int], _DirectorySync] = {}
+_DIRECTORY_SYNCS_LOCK = threading.Lock()
+
+
+def sync_directory(dir_fd: int) -> None:
+    """fsync ``dir_fd`` so that renames made in it before this call are durable. Concurrent
+    callers for the same directory share one fsync when they can (group commit)."""
+    st = os.fstat(dir_fd)
+    key = (st.st_dev, st.st_ino)
+    with _DIRECTORY_SYNCS_LOCK:
+        state = _DIRECTORY_SYNCS.setdefault(key, _DirectorySync())
+        state.users += 1
+    try:
+        _group_sync(state, dir_fd)
+    finally:
+        with _DIRECTORY_SYNCS_LOCK:
+            state.users -= 1
+            if state.users == 0 and _DIRECTORY_SYNCS.get(key) is state:
+                del _DIRECTORY_SYNCS[key]
+
+
+def _group_sync(state: _DirectorySync, dir_fd: int) -> None:
+    with state.cond:
+        state.requested += 1
+        mine = state.requested
+        while state.done < mine:
+            if state.running:
+                state.cond.wait()
+                continue
+            state.running = True
+            target = state.requested  # every rename registered so far happened before this sync
+            state.cond.release()
+            try:
+                os.fsync(dir_fd)
+            finally:
+                state.cond.acquire()
+                state.running = False
+                state.cond.notify_all()
+            state.done = max(state.done, target)
 
 
 def _partial_name(final: str, upload_id: str) -> str:
@@ -706,7 +761,7 @@ class AtomicWriter:
         self._file = None
         try:
             # The rename is only durable once the directory is; the data already is.
-            os.fsync(self._dir_fd)
+            sync_directory(self._dir_fd)
         except OSError as exc:
             raise _write_error(exc, self.name) from None
         finally:

@@ -650,3 +650,49 @@ def test_fs_imports_no_asyncio_sockets_aioquic_or_pandas() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"asyncio", "socket", "aioquic", "pandas", "matplotlib"}
+
+
+def test_concurrent_directory_syncs_share_fsync_calls_and_each_waits_for_one(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: 16 threads syncing one directory need fewer than 16 fsyncs, and no call
+    returns before an fsync that started after it was made."""
+    import threading
+    import time as time_module
+
+    from qsftp.fs import sync_directory
+
+    real_fsync = os.fsync
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            starts.append(time_module.monotonic())
+        time_module.sleep(0.02)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    called: list[float] = []
+    returned: list[float] = []
+
+    def worker() -> None:
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with lock:
+                called.append(time_module.monotonic())
+            sync_directory(fd)
+            with lock:
+                returned.append(time_module.monotonic())
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(returned) == 16
+    assert 1 <= len(starts) < 16
+    assert max(starts) <= max(returned)
+    assert min(starts) >= min(called)
