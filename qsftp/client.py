@@ -615,6 +615,8 @@ async def connect(
         protocol.connect(addr)
         try:
             async with asyncio.timeout(timeout):
+                if protocol.terminated is not None:
+                    raise ConnectionError  # refused while the first flight was still going out
                 await protocol.wait_connected()
         except TimeoutError:
             protocol.abandon_connect_waiter()

@@ -323,7 +323,7 @@ class QsftpProtocol(QuicConnectionProtocol):
         for stream_id, data, end_stream in self.qsftp.data_to_send():
             try:
                 quic.send_stream_data(stream_id, data, end_stream)
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 # The peer reset the stream (STOP_SENDING) after we queued: the bytes have no
                 # reader any more, and the operation learns of it through its channel.
                 logger.debug("stream %d: dropped %d bytes after reset", stream_id, len(data))
