@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -319,19 +319,9 @@ class Connection:
                 started = time.perf_counter()
                 protocol.qsftp.send_put(channel.stream_id, name, size)
                 protocol.flush()
-                digest = await send_body(
-                    protocol, channel, file, size, chunk_size, progress=progress
+                digest, event = await self._send_verified(
+                    channel, file, size, chunk_size=chunk_size, progress=progress
                 )
-                protocol.qsftp.send_end(channel.stream_id, digest)
-                protocol.flush()
-                event = await channel.next_event()
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
-                if event.sha256 != digest or event.size != size:
-                    raise ChecksumMismatch(
-                        f"server stored {event.size} bytes with SHA-256 {event.sha256.hex()}, "
-                        f"sent {size} bytes with SHA-256 {digest.hex()}"
-                    )
                 return self._result(
                     op="upload",
                     name=name,
@@ -345,6 +335,31 @@ class Connection:
                     chunk_size=chunk_size,
                     server_cpu_us=event.server_cpu_us,
                 )
+
+    async def _send_verified(
+        self,
+        channel: Channel,
+        file: BinaryIO,
+        size: int,
+        *,
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[bytes, OperationDone]:
+        """Send ``size`` bytes of ``file`` and END, then wait for DONE and check that the
+        server stored exactly what was sent; returns the digest and the DONE."""
+        protocol = self._protocol
+        digest = await send_body(protocol, channel, file, size, chunk_size, progress=progress)
+        protocol.qsftp.send_end(channel.stream_id, digest)
+        protocol.flush()
+        event = await channel.next_event()
+        if not isinstance(event, OperationDone):
+            raise event_error(event)
+        if event.sha256 != digest or event.size != size:
+            raise ChecksumMismatch(
+                f"server stored {event.size} bytes with SHA-256 {event.sha256.hex()}, "
+                f"sent {size} bytes with SHA-256 {digest.hex()}"
+            )
+        return digest, event
 
     async def _upload_range(
         self,
@@ -372,16 +387,9 @@ class Connection:
                     upload_id=upload_id,
                 )
                 protocol.flush()
-                digest = await send_body(
-                    protocol, channel, file, length, chunk_size, progress=progress
+                _, event = await self._send_verified(
+                    channel, file, length, chunk_size=chunk_size, progress=progress
                 )
-                protocol.qsftp.send_end(channel.stream_id, digest)
-                protocol.flush()
-                event = await channel.next_event()
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
-                if event.sha256 != digest or event.size != length:
-                    raise ChecksumMismatch(f"range at {offset}: the server stored other bytes")
                 return event.server_cpu_us
 
     async def _finish_striped(
