@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     )
     from .experiment import load_results, save_results, summarize, sweep
     from .fs import Entry
+    from .netem import LinkEmulator, LinkProfile, LinkStats
     from .plots import (
         plot_chunk_size,
         plot_distribution,
@@ -61,6 +62,9 @@ __all__ = [
     "ErrorCode",
     "InternalError",
     "Limits",
+    "LinkEmulator",
+    "LinkProfile",
+    "LinkStats",
     "LocalFileError",
     "LocalProtocolError",
     "NoSpace",
@@ -123,6 +127,9 @@ _EXPORTS: dict[str, str] = {
     "Entry": "fs",
     "QsftpServer": "server",
     "Limits": "server",
+    "LinkEmulator": "netem",
+    "LinkProfile": "netem",
+    "LinkStats": "netem",
     "serve": "server",
     "load_results": "experiment",
     "save_results": "experiment",

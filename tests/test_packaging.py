@@ -55,6 +55,7 @@ def test_public_api_names() -> None:
         ("qsftp.protocol", ["asyncio", "socket", "aioquic", "pandas"]),
         ("qsftp.errors", ["asyncio", "socket", "aioquic", "pandas"]),
         ("qsftp.fs", ["asyncio", "aioquic", "pandas"]),
+        ("qsftp.netem", ["aioquic", "pandas", "matplotlib"]),
         ("qsftp.server", ["pandas", "matplotlib"]),
         ("qsftp.client", ["pandas", "matplotlib"]),
     ],
