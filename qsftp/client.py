@@ -64,6 +64,7 @@ from .session import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     READ_BLOCK,
+    RECEIVE_WINDOW,
     Channel,
     QsftpProtocol,
     QuicStats,
@@ -234,6 +235,7 @@ class Connection:
         self.server = server
         self.max_datagram_size = configuration.max_datagram_size
         self.congestion_control = configuration.congestion_control_algorithm
+        self.receive_window = configuration.max_stream_data
 
     def __repr__(self) -> str:
         return f"<Connection {self.host}:{self.port} server={self.server!r}>"
@@ -532,10 +534,15 @@ def client_configuration(
     cafile: str | os.PathLike[str] | None = None,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
+    receive_window: int | None = None,
 ) -> QuicConfiguration:
     """The QUIC settings of a qsftp/1 client."""
     configuration = QuicConfiguration(
-        is_client=True, alpn_protocols=[ALPN], server_name=host, verify_mode=ssl.CERT_NONE
+        is_client=True,
+        alpn_protocols=[ALPN],
+        server_name=host,
+        verify_mode=ssl.CERT_NONE,
+        max_stream_data=receive_window or RECEIVE_WINDOW,
     )
     if max_datagram_size is not None:
         configuration.max_datagram_size = max_datagram_size
@@ -582,8 +589,14 @@ async def connect(
     timeout: float = CONNECT_TIMEOUT,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
+    receive_window: int | None = None,
 ) -> AsyncIterator[Connection]:
-    """Open a verified, authenticated qsftp/1 session; close it gracefully on exit."""
+    """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
+
+    ``receive_window`` is the flow-control credit, in bytes, a stream may run ahead of what
+    this side has written to disk (default RECEIVE_WINDOW, 2 MiB): it bounds memory per
+    download and, over a long fat path, throughput (at most one window per round trip).
+    """
     if insecure and (pin or cafile):
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
     if pin is not None:
@@ -599,6 +612,7 @@ async def connect(
         cafile=cafile,
         max_datagram_size=datagram_size_for(str(addr[0]), max_datagram_size),
         congestion_control=congestion_control,
+        receive_window=receive_window,
     )
     quic = QuicConnection(configuration=configuration)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import __version__
 from .client import connect
 from .errors import QsftpError, TransportError, UsageError
-from .session import DEFAULT_CHUNK_SIZE, datagram_size_for
+from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
 
 __all__ = [
     "COLUMNS",
@@ -95,6 +95,7 @@ COLUMNS = [
     "chunk_size_bytes",
     "max_datagram_size",
     "congestion_control",
+    "receive_window_bytes",
     "connection",
     "repeat",
     "warmup",
@@ -184,11 +185,17 @@ class Target:
 
 @contextlib.asynccontextmanager
 async def _embedded_server(
-    workdir: Path, *, max_datagram_size: int | None, congestion_control: str | None
+    workdir: Path,
+    *,
+    max_datagram_size: int | None,
+    congestion_control: str | None,
+    receive_window: int | None = None,
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
     and PID, and ends it (by its PID) afterwards."""
-    name = f"{max_datagram_size or 'default'}-{congestion_control or 'default'}"
+    name = "-".join(
+        str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
+    )
     root, state = workdir / f"root-{name}", workdir / f"state-{name}"
     command = [
         sys.executable,
@@ -207,6 +214,8 @@ async def _embedded_server(
         command += ["--max-datagram-size", str(max_datagram_size)]
     if congestion_control is not None:
         command += ["--congestion-control", congestion_control]
+    if receive_window is not None:
+        command += ["--receive-window", str(receive_window)]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -304,6 +313,12 @@ class _Config:
     chunk_size: int
     max_datagram_size: int | None
     congestion_control: str | None
+    receive_window: int | None = None
+
+    @property
+    def server_key(self) -> tuple[int | None, str | None, int | None]:
+        """The settings an embedded server is started with."""
+        return (self.max_datagram_size, self.congestion_control, self.receive_window)
 
 
 def _row(
@@ -317,6 +332,7 @@ def _row(
         chunk_size_bytes=config.chunk_size,
         max_datagram_size=config.max_datagram_size,
         congestion_control=config.congestion_control,
+        receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
         connection=connection,
         repeat=repeat,
         warmup=warmup,
@@ -348,6 +364,8 @@ async def _measure(
         options["max_datagram_size"] = config.max_datagram_size
     if config.congestion_control is not None:
         options["congestion_control"] = config.congestion_control
+    if config.receive_window is not None:
+        options["receive_window"] = config.receive_window
     try:
         async with connect(target.host, target.port, **options) as conn:
             software.add(conn.server)
@@ -403,6 +421,7 @@ async def sweep(
     target: Any = None,
     max_datagram_size: int | Sequence[int | None] | None = None,
     congestion_control: str | Sequence[str | None] | None = None,
+    receive_window: int | Sequence[int | None] | None = None,
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -413,8 +432,9 @@ async def sweep(
 
     ``direction`` is "upload", "download" or "both". ``target`` is ``(host, port)``,
     ``(host, port, {connect options})``, a mapping with host/port/options, or None for an
-    embedded server in a child process. ``max_datagram_size`` and ``congestion_control``
-    may be lists: they become dimensions. The shuffle ``seed`` (random when None) is stored in
+    embedded server in a child process. ``max_datagram_size``, ``congestion_control`` and
+    ``receive_window`` (flow-control window per stream, bytes, both sides) may be lists: they
+    become dimensions. The shuffle ``seed`` (random when None) is stored in
     ``df.attrs`` so a run can be repeated in the same order.
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
@@ -426,10 +446,11 @@ async def sweep(
     chunks = [int(c) for c in _as_list(chunk_sizes)]
     datagrams = _as_list(max_datagram_size)
     algorithms = _as_list(congestion_control)
+    windows = _as_list(receive_window)
     configs = [
-        _Config(d, s, c, m, a)
-        for d, s, c, m, a in itertools.product(
-            directions[direction], byte_sizes, chunks, datagrams, algorithms
+        _Config(d, s, c, m, a, w)
+        for d, s, c, m, a, w in itertools.product(
+            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -445,12 +466,15 @@ async def sweep(
     with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
-            servers: dict[tuple[int | None, str | None], Target] = {}
-            for key in {(c.max_datagram_size, c.congestion_control) for c in configs}:
+            servers: dict[tuple[int | None, str | None, int | None], Target] = {}
+            for key in {c.server_key for c in configs}:
                 if target is None:
                     server, _pid = await stack.enter_async_context(
                         _embedded_server(
-                            workdir, max_datagram_size=key[0], congestion_control=key[1]
+                            workdir,
+                            max_datagram_size=key[0],
+                            congestion_control=key[1],
+                            receive_window=key[2],
                         )
                     )
                     servers[key] = server
@@ -484,7 +508,7 @@ async def sweep(
                 plan += [(config, repeat, False) for config, repeat in order]
                 for config, repeat, is_warmup in plan:
                     row = _row(run_id, config, repeat, is_warmup, connection)
-                    server = servers[(config.max_datagram_size, config.congestion_control)]
+                    server = servers[config.server_key]
                     name = remote_name(config.size)
                     await _measure(
                         server,
@@ -599,6 +623,7 @@ _CONFIG_COLUMNS = [
     "chunk_size_bytes",
     "max_datagram_size",
     "congestion_control",
+    "receive_window_bytes",
 ]
 
 
@@ -647,6 +672,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pin", help="certificate fingerprint of --host")
     parser.add_argument("--cafile", help="CA file for --host")
     parser.add_argument("--max-datagram-size", type=int, nargs="+", help="QUIC datagram sizes")
+    parser.add_argument(
+        "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
+    )
     parser.add_argument("--seed", type=int, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--out", default="data", help="output directory (default: data/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -684,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                 direction=args.direction,
                 target=target,
                 max_datagram_size=args.max_datagram_size,
+                receive_window=args.receive_window,
                 seed=args.seed,
                 progress=not args.no_progress,
             )

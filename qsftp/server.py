@@ -59,6 +59,7 @@ from .protocol import (
 from .session import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    RECEIVE_WINDOW,
     Channel,
     QsftpProtocol,
     cpu_time,
@@ -502,12 +503,16 @@ def server_configuration(
     keyfile: Path,
     *,
     idle_timeout: float = DEFAULT_LIMITS.idle_timeout,
+    receive_window: int | None = None,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
 ) -> QuicConfiguration:
     """The QUIC settings of a qsftp/1 server."""
     configuration = QuicConfiguration(
-        is_client=False, alpn_protocols=[ALPN], idle_timeout=idle_timeout
+        is_client=False,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_stream_data=receive_window or RECEIVE_WINDOW,
     )
     if max_datagram_size is not None:
         configuration.max_datagram_size = max_datagram_size
@@ -535,6 +540,7 @@ async def serve(
     retry: bool = False,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
+    receive_window: int | None = None,
     reuse_port: bool = False,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
@@ -557,6 +563,7 @@ async def serve(
         certfile,
         keyfile,
         idle_timeout=limits.idle_timeout,
+        receive_window=receive_window,
         max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
     )
@@ -602,6 +609,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
+    )
+    parser.add_argument(
+        "--receive-window", type=int, metavar="BYTES", help="flow-control window per stream"
     )
     limits = parser.add_argument_group("limits (docs/SECURITY.md)")
     limits.add_argument("--max-file-size", type=int, default=DEFAULT_LIMITS.max_file_size)
@@ -650,6 +660,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         state_dir=args.state_dir,
         max_datagram_size=args.max_datagram_size,
         congestion_control=args.congestion_control,
+        receive_window=args.receive_window,
         reuse_port=args.reuse_port,
         retry=args.retry,
         limits=Limits(

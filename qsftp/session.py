@@ -96,9 +96,8 @@ READ_BLOCK = 1024 * 1024
 SEND_HIGH_WATER = 1024 * 1024
 # Flow-control credit granted beyond what the application has consumed on a stream: this is
 # what bounds the receiver's memory when the disk (or the handler) is slower than the network.
+# It is the connection's max_stream_data (the receive_window option of connect and serve).
 RECEIVE_WINDOW = 2 * 1024 * 1024
-# Credit is raised in steps of at least this much, so MAX_STREAM_DATA frames stay rare.
-_CREDIT_STEP = RECEIVE_WINDOW // 4
 # QUIC datagram sizes. There is no path-MTU discovery in aioquic, so on a real network the
 # default is QUIC's minimum, which every path must carry (1452 suits a known 1500-byte-MTU path).
 # Loopback carries 64 KiB datagrams; 16384 stays below aioquic's 16414-byte ceiling (its STREAM
@@ -217,6 +216,7 @@ class QsftpProtocol(QuicConnectionProtocol):
     ) -> None:
         super().__init__(quic, stream_handler)
         self.batch = batch
+        self.receive_window: int = quic.configuration.max_stream_data
         self.loop = asyncio.get_running_loop()
         self.qsftp = QsftpConnection(self.role)
         self.channels: dict[int, Channel] = {}
@@ -270,9 +270,12 @@ class QsftpProtocol(QuicConnectionProtocol):
         if stream is None:
             return
         target = (
-            stream.receiver.highest_offset - self._unconsumed.get(stream_id, 0) + RECEIVE_WINDOW
+            stream.receiver.highest_offset
+            - self._unconsumed.get(stream_id, 0)
+            + self.receive_window
         )
-        if target - stream.max_stream_data_local >= _CREDIT_STEP:
+        # Raised in steps of a quarter window at least, so MAX_STREAM_DATA frames stay rare.
+        if target - stream.max_stream_data_local >= self.receive_window // 4:
             stream.max_stream_data_local = target
             self._transmit_soon()
 

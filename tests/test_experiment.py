@@ -443,3 +443,25 @@ def test_cli_quick_run_writes_data_and_figure(tmp_path: Path) -> None:
     df = load_results(out / "quick.parquet")
     assert len(df) == transfers and df.attrs["schema_version"] == SCHEMA_VERSION
     assert json.loads((out / "quick.csv.meta.json").read_text())["run_id"] == df.attrs["run_id"]
+
+
+def test_receive_window_is_a_sweep_dimension_recorded_per_row(files_dir: Path) -> None:
+    df = asyncio.run(
+        asyncio.wait_for(
+            sweep(
+                sizes=["50KB"],
+                repeats=1,
+                direction="both",
+                receive_window=[256 * 1024, None],
+                warmup=False,
+                seed=3,
+                progress=False,
+                files_dir=files_dir,
+            ),
+            SWEEP_TIMEOUT,
+        )
+    )
+    assert len(df) == 4 and (df["error"] == "").all() and df["verified"].all()
+    windows = sorted(set(df["receive_window_bytes"]))
+    assert windows == [256 * 1024, qsftp.session.RECEIVE_WINDOW]
+    assert len(summarize(df)) == 4  # direction x window
