@@ -661,7 +661,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m qsftp.experiment",
         description="Measure QSFTP throughput across file and chunk sizes; save data + figure.",
     )
-    parser.add_argument("--quick", action="store_true", help="a small sweep (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small sweep (under a minute)")
     parser.add_argument("--sizes", nargs="+", help="file sizes, e.g. 64KB 1MB 16MB")
     parser.add_argument("--chunk-sizes", nargs="+", type=int, help="DATA chunk sizes, bytes")
     parser.add_argument("--repeats", type=int, help="transfers per configuration")
