@@ -44,6 +44,7 @@ import pathlib
 import secrets
 import stat
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from types import TracebackType
@@ -360,6 +361,42 @@ class Root:
                 os.close(parent)
                 raise _kind_error(name, st, want_dir=False)
         return AtomicWriter(parent, parts[-1], name=name, size=size, refuse=BadPath)
+
+    def remove_stale_partials(self, max_age: float, *, now: float | None = None) -> int:
+        """Delete partial files (``*.qsftp-part``) not modified for ``max_age`` seconds, in
+        the whole tree; return how many went. Temporaries of a crashed server and partial
+        files of abandoned striped uploads end here. Links are never followed."""
+        cutoff = (time.time() if now is None else now) - max_age
+        removed = 0
+        stack: list[tuple[int, int]] = [(os.open(".", _DIR_FLAGS, dir_fd=self._root_fd()), 0)]
+        while stack:
+            fd, depth = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                            try:
+                                child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                            except OSError:
+                                continue
+                            stack.append((child, depth + 1))
+                        elif (
+                            stat.S_ISREG(st.st_mode)
+                            and entry.name.endswith(PARTIAL_SUFFIX)
+                            and st.st_mtime < cutoff
+                        ):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.name, dir_fd=fd)
+                                removed += 1
+            finally:
+                os.close(fd)
+        if removed:
+            logger.info("removed %d stale partial files", removed)
+        return removed
 
     def free_bytes(self) -> int:
         """Bytes available to an unprivileged writer on the root's file system."""

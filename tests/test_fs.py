@@ -696,3 +696,27 @@ def test_concurrent_directory_syncs_share_fsync_calls_and_each_waits_for_one(
     assert 1 <= len(starts) < 16
     assert max(starts) <= max(returned)
     assert min(starts) >= min(called)
+
+
+def test_stale_partials_are_removed_and_fresh_ones_and_other_files_stay(
+    tmp_path: pathlib.Path,
+) -> None:
+    from qsftp.fs import PARTIAL_SUFFIX, Root
+
+    root_dir = tmp_path / "root"
+    (root_dir / "a" / "b").mkdir(parents=True)
+    old = root_dir / "a" / "b" / f".x.1234abcd{PARTIAL_SUFFIX}"
+    fresh = root_dir / "a" / f".y.5678abcd{PARTIAL_SUFFIX}"
+    kept = root_dir / "a" / "b" / "data.bin"
+    for path in (old, fresh, kept):
+        path.write_bytes(b"x")
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(kept, (1_000_000, 1_000_000))
+    outside = tmp_path / f".z.99999999{PARTIAL_SUFFIX}"
+    outside.write_bytes(b"x")
+    os.utime(outside, (1_000_000, 1_000_000))
+    (root_dir / "link").symlink_to(tmp_path)
+    with Root(root_dir) as root:
+        assert root.remove_stale_partials(3600) == 1
+    assert not old.exists()
+    assert fresh.exists() and kept.exists() and outside.exists()
