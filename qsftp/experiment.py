@@ -5,7 +5,9 @@ configuration (sizes × chunk sizes × the other dimensions × directions) ``rep
 a shuffled order whose seed is recorded, after one warm-up transfer, and returns one row per
 transfer. Without ``target`` it starts a QSFTP server in a separate process (so client and
 server do not share one core), with its own temporary root and certificate, and stops it
-afterwards. docs/MEASUREMENT.md says exactly what every column measures.
+afterwards. ``links=[None, LinkProfile(delay_ms=25, loss=0.01)]`` adds emulated links as a
+dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server.
+docs/MEASUREMENT.md says exactly what every column measures.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from tqdm import tqdm
 from . import __version__
 from .client import connect
 from .errors import QsftpError, TransportError, UsageError
+from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
 
 __all__ = [
     "COLUMNS",
+    "LINK_COLUMNS",
     "SCHEMA_VERSION",
     "Target",
     "cache_dir",
@@ -68,6 +72,13 @@ DEFAULT_CONGESTION_CONTROL = "reno"
 _SERVER_START_TIMEOUT = 30.0
 # Test files are written in blocks of this size, so a large file never sits in memory.
 _GENERATE_BLOCK = 1 << 20
+# QUIC datagram size through an emulated link when none is chosen: the emulator listens on
+# loopback, where the client would pick 16 KiB datagrams no real path carries; 1200 bytes is
+# QUIC's minimum, which every path must carry.
+LINK_DATAGRAM_SIZE = 1200
+# How long a sweep waits after a transfer for the packets still in an emulated link (e.g.
+# the CONNECTION_CLOSE) before reading its counters; it goes on regardless after that.
+_LINK_DRAIN_TIMEOUT = 5.0
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -113,6 +124,21 @@ COLUMNS = [
     "cpu_bound",
     "error",
 ]
+
+# Added after COLUMNS when ``sweep(links=...)`` is given: the link's label and mode, both
+# directions' profiles and the emulator's seed (LinkEmulator.as_dict), then its counters for
+# the transfer (LinkEmulator.stats_dict). Empty (None) on "direct" rows.
+_LINK_PROFILE_COLUMNS = [
+    *LinkProfile().as_dict("link_up_"),
+    *LinkProfile().as_dict("link_down_"),
+    "link_seed",
+]
+_LINK_STATS_COLUMNS = list(
+    LinkStats(uplink=DirectionStats(), downlink=DirectionStats(), clients=0).as_dict()
+)
+LINK_COLUMNS = ["link", "link_mode", *_LINK_PROFILE_COLUMNS, *_LINK_STATS_COLUMNS]
+# Text columns among them, kept as text when a CSV is read back.
+_LINK_TEXT_COLUMNS = ["link", "link_mode", "link_up_loss_model", "link_down_loss_model"]
 
 
 def parse_size(size: int | str) -> int:
@@ -307,6 +333,44 @@ def _target(target: Any) -> Target:
 
 
 @dataclass(frozen=True, slots=True)
+class _Link:
+    """One emulated link of a sweep: a profile per direction."""
+
+    uplink: LinkProfile
+    downlink: LinkProfile
+
+    def label(self) -> str:
+        if self.uplink == self.downlink:
+            return self.uplink.label()
+        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
+
+
+def _link(value: Any) -> _Link | None:
+    if value is None:
+        return None
+    if isinstance(value, LinkProfile):
+        return _Link(value, value)
+    if isinstance(value, tuple) and len(value) == 2:
+        up, down = (p if p is not None else LinkProfile() for p in value)
+        if isinstance(up, LinkProfile) and isinstance(down, LinkProfile):
+            return _Link(up, down)
+    raise UsageError(
+        f"a link is None, a LinkProfile or an (uplink, downlink) pair of them, not {value!r}"
+    )
+
+
+def _links(links: Any) -> list[_Link | None]:
+    if links is None:
+        return [None]
+    # A tuple is one (uplink, downlink) pair, not a list of links.
+    values = [links] if isinstance(links, LinkProfile | tuple) else _as_list(links)
+    result = list(dict.fromkeys(_link(value) for value in values))
+    if not result:
+        raise UsageError("links is empty (None in the list means a direct connection)")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
 class _Config:
     direction: str
     size: int
@@ -314,6 +378,7 @@ class _Config:
     max_datagram_size: int | None
     congestion_control: str | None
     receive_window: int | None = None
+    link: _Link | None = None
 
     @property
     def server_key(self) -> tuple[int | None, str | None, int | None]:
@@ -322,9 +387,17 @@ class _Config:
 
 
 def _row(
-    run_id: str, config: _Config, repeat: int, warmup: bool, connection: str
+    run_id: str,
+    config: _Config,
+    repeat: int,
+    warmup: bool,
+    connection: str,
+    *,
+    with_links: bool = False,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS + LINK_COLUMNS if with_links else COLUMNS)
+    if with_links:
+        row.update(link="direct", link_mode="direct")
     row.update(
         run_id=run_id,
         direction=config.direction,
@@ -402,6 +475,17 @@ async def _measure(
     )
 
 
+async def _record_link(emulator: LinkEmulator, row: dict[str, Any]) -> None:
+    """Fill ``row``'s link columns once the packets of the transfer have left the link."""
+    try:
+        await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
+    except TimeoutError:
+        logger.warning("link %s still held packets after the transfer", emulator.label())
+    row.update(link=emulator.label(), link_mode="udp-relay")
+    row.update(emulator.as_dict())
+    row.update(emulator.stats_dict())
+
+
 def _progress_bar(total: int, *, enabled: bool) -> tqdm:
     if not enabled:
         return tqdm(total=total, disable=True)
@@ -422,6 +506,10 @@ async def sweep(
     max_datagram_size: int | Sequence[int | None] | None = None,
     congestion_control: str | Sequence[str | None] | None = None,
     receive_window: int | Sequence[int | None] | None = None,
+    links: LinkProfile
+    | tuple[LinkProfile, LinkProfile]
+    | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
+    | None = None,
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -436,6 +524,13 @@ async def sweep(
     ``receive_window`` (flow-control window per stream, bytes, both sides) may be lists: they
     become dimensions. The shuffle ``seed`` (random when None) is stored in
     ``df.attrs`` so a run can be repeated in the same order.
+
+    ``links`` makes emulated links a dimension too: a :class:`~qsftp.netem.LinkProfile` (both
+    directions), an ``(uplink, downlink)`` pair, or a list of them in which None means a
+    direct connection. Each runs as a :class:`~qsftp.netem.LinkEmulator` in front of each
+    server, with a seed derived from the shuffle seed; rows then carry the link's profile and
+    its counters for that transfer (:data:`LINK_COLUMNS`). Through a link the datagram size
+    defaults to :data:`LINK_DATAGRAM_SIZE`.
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -447,10 +542,13 @@ async def sweep(
     datagrams = _as_list(max_datagram_size)
     algorithms = _as_list(congestion_control)
     windows = _as_list(receive_window)
+    with_links = links is not None
+    link_list = _links(links)
     configs = [
-        _Config(d, s, c, m, a, w)
-        for d, s, c, m, a, w in itertools.product(
-            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows
+        # Through a link the loopback default datagram size would be unrealistic.
+        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k)
+        for d, s, c, m, a, w, k in itertools.product(
+            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows, link_list
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -467,7 +565,7 @@ async def sweep(
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
             servers: dict[tuple[int | None, str | None, int | None], Target] = {}
-            for key in {c.server_key for c in configs}:
+            for key in dict.fromkeys(c.server_key for c in configs):
                 if target is None:
                     server, _pid = await stack.enter_async_context(
                         _embedded_server(
@@ -481,10 +579,27 @@ async def sweep(
                 else:
                     servers[key] = _target(target)
 
+            # One emulator per (server, link), in front of that server; seeds derived from the
+            # shuffle seed, so the same seed repeats the same losses (as far as timing allows).
+            emulators: dict[tuple[Any, _Link], LinkEmulator] = {}
+            for index, (key, link) in enumerate(
+                dict.fromkeys((c.server_key, c.link) for c in configs if c.link is not None)
+            ):
+                server = servers[key]
+                emulators[key, link] = await stack.enter_async_context(
+                    LinkEmulator(
+                        (server.host, server.port),
+                        uplink=link.uplink,
+                        downlink=link.downlink,
+                        seed=random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31),
+                    )
+                )
+
             def remote_name(size: int) -> str:
                 return f"qsftp-sweep/{size}-seed{file_seed}.bin"
 
-            # Downloads need the file on the server: put it there first (not measured).
+            # Downloads need the file on the server: put it there first (not measured, and
+            # direct: never through an emulated link).
             if "download" in directions[direction]:
                 for key, server in servers.items():
                     for size in byte_sizes:
@@ -507,8 +622,18 @@ async def sweep(
                 plan = [(order[0][0], -1, True)] if warmup else []
                 plan += [(config, repeat, False) for config, repeat in order]
                 for config, repeat, is_warmup in plan:
-                    row = _row(run_id, config, repeat, is_warmup, connection)
+                    row = _row(run_id, config, repeat, is_warmup, connection, with_links=with_links)
                     server = servers[config.server_key]
+                    emulator = None
+                    if config.link is not None:
+                        emulator = emulators[config.server_key, config.link]
+                        server = Target(
+                            host=emulator.host,
+                            port=emulator.port,
+                            options=server.options,
+                            embedded=server.embedded,
+                        )
+                        emulator.reset_stats()
                     name = remote_name(config.size)
                     await _measure(
                         server,
@@ -519,11 +644,24 @@ async def sweep(
                         workdir=workdir,
                         software=software,
                     )
+                    if emulator is not None:
+                        await _record_link(emulator, row)
                     rows.append(row)
                     bar.update(1)
 
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS + LINK_COLUMNS if with_links else COLUMNS)
     frame.attrs.update(collect_metadata())
+    if with_links:
+        # Numbers stay numbers on "direct" rows (NaN, not None), so saved files read back equal.
+        for column in LINK_COLUMNS:
+            if column not in _LINK_TEXT_COLUMNS:
+                frame[column] = pd.to_numeric(frame[column])
+        frame.attrs.update(
+            links=[link.label() if link else "direct" for link in link_list],
+            link_seeds={
+                f"{e.label()} → {e.target[0]}:{e.target[1]}": e.seed for e in emulators.values()
+            },
+        )
     frame.attrs.update(
         run_id=run_id,
         shuffle_seed=seed,
@@ -605,7 +743,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         frame = pd.read_parquet(src)
     else:
         # Text columns stay text even when every cell is empty (an all-failed run's sha256).
-        text = {"sha256": str, "error": str}
+        text = {"sha256": str, "error": str, **dict.fromkeys(_LINK_TEXT_COLUMNS, str)}
         frame = pd.read_csv(src, keep_default_na=False, na_values=[""], dtype=text)
         frame["error"] = frame["error"].fillna("").astype(str)
         frame["sha256"] = frame["sha256"].fillna("").astype(str)
@@ -619,6 +757,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 _CONFIG_COLUMNS = [
     "direction",
+    "link",
     "file_size_bytes",
     "chunk_size_bytes",
     "max_datagram_size",
@@ -675,6 +814,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
     )
+    link = parser.add_argument_group(
+        "emulated link", "any of these adds one emulated link (both directions) next to direct"
+    )
+    link.add_argument("--delay-ms", type=float, help="one-way delay, ms")
+    link.add_argument("--loss", type=float, help="random loss probability, e.g. 0.01")
+    link.add_argument("--rate-mbps", type=float, help="bottleneck rate, Mbit/s")
     parser.add_argument("--seed", type=int, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--out", default="data", help="output directory (default: data/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -703,6 +848,15 @@ def main(argv: list[str] | None = None) -> int:
             "cafile": args.cafile,
         }
         target = (args.host, args.port, {k: v for k, v in options.items() if v})
+    links: list[LinkProfile | None] | None = None
+    fields = {"delay_ms": args.delay_ms, "loss": args.loss, "rate_mbps": args.rate_mbps}
+    if any(value is not None for value in fields.values()):
+        try:
+            profile = LinkProfile(**{k: v for k, v in fields.items() if v is not None})
+        except UsageError as exc:
+            print(f"qsftp-experiment: error: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+        links = [None, profile]
     try:
         df = asyncio.run(
             sweep(
@@ -713,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=target,
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
+                links=links,
                 seed=args.seed,
                 progress=not args.no_progress,
             )

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import qsftp
 from qsftp.errors import UsageError
 from qsftp.experiment import (
     COLUMNS,
+    LINK_COLUMNS,
+    LINK_DATAGRAM_SIZE,
     SCHEMA_VERSION,
     load_results,
     measured,
@@ -35,6 +38,7 @@ from qsftp.experiment import (
     sweep,
     test_file,
 )
+from qsftp.netem import DirectionStats, LinkProfile
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["10KB", "100KB"]
@@ -465,3 +469,130 @@ def test_receive_window_is_a_sweep_dimension_recorded_per_row(files_dir: Path) -
     windows = sorted(set(df["receive_window_bytes"]))
     assert windows == [256 * 1024, qsftp.session.RECEIVE_WINDOW]
     assert len(summarize(df)) == 4  # direction x window
+
+
+# --- emulated links as a dimension ----------------------------------------------------------
+
+LINK = LinkProfile(delay_ms=10, loss=0.02)
+# A handshake needs at least one round trip through the link: 2 × 10 ms. The emulator may
+# release a packet up to its timer slack (< 1 ms) early, hence the margin.
+MIN_LINK_HANDSHAKE_MS = 2 * LINK.delay_ms - 2
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory: pytest.TempPathFactory, files_dir: Path) -> pd.DataFrame:
+    """20 KB both ways, direct and through a 10 ms / 2 % loss emulated link."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in _env(tmp_path_factory.mktemp("linked")).items():
+            patch.setenv(key, value)
+        return run_sweep(
+            sizes=["20KB"],
+            repeats=1,
+            direction="both",
+            links=[None, LINK],
+            seed=SEED,
+            files_dir=files_dir,
+        )
+
+
+def emulated(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["link_mode"] == "udp-relay"]
+
+
+def test_links_add_their_columns_after_the_base_ones(linked: pd.DataFrame) -> None:
+    assert list(linked.columns) == COLUMNS + LINK_COLUMNS
+    rows = measured(linked)
+    assert len(rows) == 4  # directions × links
+    assert set(zip(rows["direction"], rows["link"], strict=True)) == {
+        (d, link) for d in ("upload", "download") for link in ("direct", LINK.label())
+    }
+    assert (linked["error"] == "").all() and linked["verified"].all()
+
+
+def test_emulated_rows_carry_the_profile_and_direct_rows_leave_it_empty(
+    linked: pd.DataFrame,
+) -> None:
+    through = emulated(linked)
+    direct = linked[linked["link"] == "direct"]
+    assert (through["link_up_delay_ms"] == 10).all() and (through["link_down_loss"] == 0.02).all()
+    assert (direct["link_mode"] == "direct").all()
+    assert direct[LINK_COLUMNS[2:]].isna().all().all()
+    assert through["link_seed"].nunique() == 1  # one emulator, its seed recorded
+
+
+def test_a_link_delays_the_handshake_and_counts_its_packets(linked: pd.DataFrame) -> None:
+    through = measured(emulated(linked))
+    assert (through["handshake_ms"] >= MIN_LINK_HANDSHAKE_MS).all()
+    counters = [f"link_{d}_{f.name}" for d in ("up", "down") for f in fields(DirectionStats)]
+    assert (through[counters] >= 0).all().all()
+    assert (through["link_up_received_packets"] > 0).all()
+    assert (through["link_down_forwarded_packets"] > 0).all()
+    assert (through["link_up_pending_packets"] == 0).all()  # read after the link drained
+
+
+def test_through_a_link_the_datagram_size_defaults_to_a_real_paths(linked: pd.DataFrame) -> None:
+    assert (emulated(linked)["max_datagram_size"] == LINK_DATAGRAM_SIZE).all()
+    direct = linked[linked["link"] == "direct"]
+    assert (direct["max_datagram_size"] == qsftp.session.LOOPBACK_DATAGRAM_SIZE).all()
+
+
+def test_summarize_groups_by_link(linked: pd.DataFrame) -> None:
+    summary = summarize(linked)
+    assert "link" in summary.columns and len(summary) == 4
+    assert (summary["n"] == 1).all()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_save_and_load_keep_the_link_columns(
+    linked: pd.DataFrame, tmp_path: Path, suffix: str
+) -> None:
+    back = load_results(save_results(linked, tmp_path / f"links{suffix}"))
+    pd.testing.assert_frame_equal(back, linked, check_dtype=False)
+    assert back.attrs["links"] == ["direct", LINK.label()]
+    pd.testing.assert_frame_equal(summarize(back), summarize(linked), check_dtype=False)
+
+
+@pytest.mark.parametrize("bad", [[], "10 ms", [(LINK,)], 5, [(LINK, "slow")]])
+def test_links_must_be_profiles_pairs_or_none(bad: Any) -> None:
+    with pytest.raises(UsageError):
+        run_sweep(sizes=["1KB"], repeats=1, links=bad)
+
+
+def test_cli_link_options_add_one_emulated_link_next_to_direct(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        **_env(tmp_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "MPLBACKEND": "Agg",
+    }
+    command = [sys.executable, "-m", "qsftp.experiment", "--sizes", "10KB", "--chunk-sizes"]
+    command += ["4096", "--repeats", "1", "--direction", "upload", "--delay-ms", "5"]
+    command += ["--loss", "0.01", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(
+        command,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    df = load_results(out / "sweep.parquet")
+    assert sorted(set(measured(df)["link"])) == ["5 ms, 1% loss", "direct"]
+
+
+def test_cli_rejects_an_impossible_link(tmp_path: Path) -> None:
+    env = {**os.environ, **_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "qsftp.experiment", "--loss", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        command,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 2 and "loss" in proc.stderr
