@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         plot_distribution,
         plot_heatmap,
         plot_overview,
+        plot_qlog,
         plot_sizes,
         save_figure,
     )
@@ -87,6 +88,7 @@ __all__ = [
     "plot_distribution",
     "plot_heatmap",
     "plot_overview",
+    "plot_qlog",
     "plot_sizes",
     "save_figure",
     "save_results",
@@ -139,6 +141,7 @@ _EXPORTS: dict[str, str] = {
     "plot_distribution": "plots",
     "plot_heatmap": "plots",
     "plot_overview": "plots",
+    "plot_qlog": "plots",
     "plot_sizes": "plots",
     "save_figure": "plots",
 }

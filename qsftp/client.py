@@ -66,6 +66,7 @@ from .session import (
     READ_BLOCK,
     RECEIVE_WINDOW,
     Channel,
+    QlogWriter,
     QsftpProtocol,
     QuicStats,
     consume_result,
@@ -153,6 +154,9 @@ class TransferResult:
     "Wall-clock start, ISO 8601 UTC (for ordering only; durations use perf_counter)."
     connections: int = 1
     "QUIC connections the file was striped over (1: not striped)."
+    qlog_path: str | None = None
+    "This side's qlog file of the connection used (the first, if striped), written when it "
+    "closes; None: no qlog."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -236,6 +240,11 @@ class Connection:
         self.max_datagram_size = configuration.max_datagram_size
         self.congestion_control = configuration.congestion_control_algorithm
         self.receive_window = configuration.max_stream_data
+        writer = configuration.quic_logger
+        self.qlog_path: str | None = (
+            str(writer.paths[0]) if isinstance(writer, QlogWriter) and writer.paths else None
+        )
+        "This side's qlog file (written when the connection closes); None: no qlog."
 
     def __repr__(self) -> str:
         return f"<Connection {self.host}:{self.port} server={self.server!r}>"
@@ -297,6 +306,7 @@ class Connection:
             max_datagram_size=self.max_datagram_size,
             congestion_control=self.congestion_control,
             started_at=started_at,
+            qlog_path=self.qlog_path,
         )
 
     async def upload(
@@ -535,8 +545,9 @@ def client_configuration(
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
     receive_window: int | None = None,
+    qlog_dir: str | os.PathLike[str] | None = None,
 ) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 client."""
+    """The QUIC settings of a qsftp/1 client; ``qlog_dir`` (created) receives qlog files."""
     configuration = QuicConfiguration(
         is_client=True,
         alpn_protocols=[ALPN],
@@ -554,6 +565,8 @@ def client_configuration(
             configuration.load_verify_locations(cafile=os.fspath(cafile))
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise LocalFileError(f"cannot load CA file {cafile}: {exc}") from exc
+    if qlog_dir is not None:
+        configuration.quic_logger = QlogWriter(qlog_dir)
     return configuration
 
 
@@ -590,12 +603,16 @@ async def connect(
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
     receive_window: int | None = None,
+    qlog_dir: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
 
     ``receive_window`` is the flow-control credit, in bytes, a stream may run ahead of what
     this side has written to disk (default RECEIVE_WINDOW, 2 MiB): it bounds memory per
     download and, over a long fat path, throughput (at most one window per round trip).
+
+    ``qlog_dir`` (created if missing) receives this side's qlog trace of the connection,
+    ``<ODCID>.qlog``, written when the connection closes (``Connection.qlog_path``).
     """
     if insecure and (pin or cafile):
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
@@ -613,6 +630,7 @@ async def connect(
         max_datagram_size=datagram_size_for(str(addr[0]), max_datagram_size),
         congestion_control=congestion_control,
         receive_window=receive_window,
+        qlog_dir=qlog_dir,
     )
     quic = QuicConnection(configuration=configuration)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
@@ -691,6 +709,9 @@ async def connect(
         protocol.close()
         protocol.discard()
         transport.close()
+        # Discarding skips the end of aioquic's close, where it would write the qlog trace.
+        if isinstance(configuration.quic_logger, QlogWriter):
+            configuration.quic_logger.end_open_traces()
 
 
 # --- one-shot helpers -------------------------------------------------------------------------
@@ -780,6 +801,7 @@ async def upload_striped(
         congestion_control=first.congestion_control,
         started_at=started_at,
         connections=len(connections),
+        qlog_path=first.qlog_path,
     )
 
 
@@ -908,6 +930,7 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DATA frame size, bytes"
     )
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
         "--connections",
         type=int,
@@ -1027,6 +1050,7 @@ async def _cli_main(cli: _Cli) -> None:
         "known_hosts": args.known_hosts,
         "timeout": args.timeout,
         "max_datagram_size": args.max_datagram_size,
+        "qlog_dir": args.qlog_dir,
     }
     if args.connections < 1:
         raise UsageError("--connections must be at least 1")

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
+from . import qlog
 from .errors import UsageError
 from .experiment import measured
 
@@ -30,6 +31,7 @@ __all__ = [
     "plot_distribution",
     "plot_heatmap",
     "plot_overview",
+    "plot_qlog",
     "plot_sizes",
     "save_figure",
 ]
@@ -301,6 +303,47 @@ def _run_title(df: pd.DataFrame) -> str:
         + f", Python {attrs.get('python_version', '?')}, {attrs.get('cpu_count', '?')} CPUs"
         + f"; run {attrs.get('run_id', '?')}"
     )
+
+
+def plot_qlog(frame_or_path: pd.DataFrame | str | os.PathLike[str], ax: Axes | None = None) -> Axes:
+    """One qlog trace over time: congestion window and bytes in flight (kB, left axis),
+    smoothed RTT (ms, a twin right axis) and a red tick at the top for each packet declared
+    lost. Takes :func:`qsftp.qlog.load`'s frame or a qlog file; returns the left Axes (the
+    RTT axis is its twin, in ``ax.figure.axes``)."""
+    frame = frame_or_path if isinstance(frame_or_path, pd.DataFrame) else qlog.load(frame_or_path)
+    ax = _axes(ax, size=(7.5, 4.4))
+    seconds = frame["time_ms"] / 1000.0
+    handles = [
+        ax.step(seconds, frame["cwnd"] / 1e3, where="post", color="C0", label="cwnd")[0],
+        ax.step(
+            seconds,
+            frame["bytes_in_flight"] / 1e3,
+            where="post",
+            color="C0",
+            alpha=0.35,
+            linewidth=0.8,
+            label="bytes in flight",
+        )[0],
+    ]
+    ax.set_xlabel("time since connection start (s)")
+    ax.set_ylabel("congestion window, bytes in flight (kB)")
+    _finish(ax)
+    rtt_ax = ax.twinx()
+    handles += rtt_ax.plot(
+        seconds, frame["smoothed_rtt_ms"], color="C1", linewidth=1.2, label="smoothed RTT"
+    )
+    rtt_ax.set_ylabel("smoothed RTT (ms)")
+    rtt_ax.set_ylim(bottom=0)
+    losses = seconds[frame["event"] == qlog.PACKET_LOST]
+    if len(losses):
+        # Ticks along the top edge: x in data units, y in axes units, one collection for all.
+        ax.vlines(losses, 0.93, 1.0, transform=ax.get_xaxis_transform(), color="C3", linewidth=1)
+        handles.append(Line2D([], [], color="C3", label=f"packet lost ({len(losses)})"))
+    # On the twin, which is drawn last, so no line runs over the legend; below the loss ticks.
+    rtt_ax.legend(handles=handles, loc="upper right", bbox_to_anchor=(1.0, 0.92), fontsize="small")
+    side = frame.attrs.get("vantage_point") or "?"
+    ax.set_title(f"qlog: {side} side of connection {frame.attrs.get('odcid') or '?'}")
+    return ax
 
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:

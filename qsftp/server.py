@@ -61,6 +61,7 @@ from .session import (
     MAX_CHUNK_SIZE,
     RECEIVE_WINDOW,
     Channel,
+    QlogWriter,
     QsftpProtocol,
     cpu_time,
     datagram_size_for,
@@ -151,6 +152,7 @@ class QsftpServer:
         self._stopping = asyncio.Event()
         self._quic: QuicServer | None = None
         self._batch: set[QsftpProtocol] = set()
+        self._qlog: QlogWriter | None = None
 
     def __repr__(self) -> str:
         return f"<QsftpServer {self.host}:{self.port} root={self.root.path}>"
@@ -200,6 +202,8 @@ class QsftpServer:
         )
         quic.connection_made(endpoint)  # type: ignore[arg-type]
         self._quic = quic
+        if isinstance(configuration.quic_logger, QlogWriter):
+            self._qlog = configuration.quic_logger
         self.host, self.port = sock.getsockname()[:2]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -229,6 +233,8 @@ class QsftpServer:
     async def _close(self, supervisor: asyncio.Task[None]) -> None:
         if self._quic is not None:
             self._quic.close()
+        if self._qlog is not None:  # connections still closing will not finish: write them now
+            self._qlog.end_open_traces()
         self._stopping.set()
         await supervisor
         await asyncio.sleep(0)  # let the transport release the port before we return
@@ -506,8 +512,9 @@ def server_configuration(
     receive_window: int | None = None,
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
+    qlog_dir: str | os.PathLike[str] | None = None,
 ) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 server."""
+    """The QUIC settings of a qsftp/1 server; ``qlog_dir`` (created) receives qlog files."""
     configuration = QuicConfiguration(
         is_client=False,
         alpn_protocols=[ALPN],
@@ -518,6 +525,8 @@ def server_configuration(
         configuration.max_datagram_size = max_datagram_size
     if congestion_control is not None:
         configuration.congestion_control_algorithm = congestion_control
+    if qlog_dir is not None:
+        configuration.quic_logger = QlogWriter(qlog_dir)
     try:
         configuration.load_cert_chain(certfile, keyfile)
     except (OSError, ValueError) as exc:
@@ -542,6 +551,7 @@ async def serve(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     reuse_port: bool = False,
+    qlog_dir: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
@@ -549,7 +559,9 @@ async def serve(
     self-signed certificate is created once in ``state_dir`` (default: the user's state
     directory) and reused. Listening on a non-loopback address needs a ``token`` unless
     ``allow_anonymous`` is set. ``reuse_port`` sets SO_REUSEPORT so that several server
-    processes can share one port (``python -m qsftp.server --workers N``).
+    processes can share one port (``python -m qsftp.server --workers N``). ``qlog_dir``
+    (created if missing) receives one qlog trace per connection, ``<ODCID>.qlog``, written
+    when the connection ends or the server stops.
     """
     if not token and not allow_anonymous and not is_loopback(host):
         _refuse_anonymous(host)
@@ -566,6 +578,7 @@ async def serve(
         receive_window=receive_window,
         max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
+        qlog_dir=qlog_dir,
     )
     fingerprint = trust.fingerprint(trust.load_certificate(certfile))
     with fs.Root(root) as root_dir:
@@ -607,6 +620,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--state-dir", help="where the generated certificate is kept")
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
+    parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
     )
@@ -663,6 +677,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         receive_window=args.receive_window,
         reuse_port=args.reuse_port,
         retry=args.retry,
+        qlog_dir=args.qlog_dir,
         limits=Limits(
             max_file_size=args.max_file_size,
             max_connections=args.max_connections,

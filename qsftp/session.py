@@ -28,11 +28,13 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.logger import QuicFileLogger, QuicLoggerTrace
 
 from .errors import (
     Cancelled,
@@ -64,6 +66,7 @@ __all__ = [
     "RECEIVE_WINDOW",
     "SEND_HIGH_WATER",
     "Channel",
+    "QlogWriter",
     "QsftpProtocol",
     "QuicStats",
     "consume_result",
@@ -649,3 +652,35 @@ def consume_result(future: asyncio.Future[Any]) -> None:
 def cpu_time() -> float:
     """CPU seconds used by this process (user + system)."""
     return time.process_time()
+
+
+class QlogWriter(QuicFileLogger):
+    """aioquic's QuicFileLogger (one ``<ODCID>.qlog`` per connection, written when its trace
+    ends) that creates its directory, knows each trace's file, and can end the traces still
+    open: aioquic ends a trace only when a close completes, after the closing period, which a
+    client that drops its socket at once (or a server shutting down) never waits for."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        super().__init__(os.fspath(path))
+        self.directory = path
+        self.paths: list[Path] = []
+        "Files of the traces started so far (a file exists once its trace ended)."
+        self._open: set[QuicLoggerTrace] = set()
+
+    def start_trace(self, is_client: bool, odcid: bytes) -> QuicLoggerTrace:
+        trace = super().start_trace(is_client, odcid)
+        self.paths.append(self.directory / f"{odcid.hex()}.qlog")
+        self._open.add(trace)
+        return trace
+
+    def end_trace(self, trace: QuicLoggerTrace) -> None:
+        if trace in self._open:  # aioquic may end a trace we already ended
+            self._open.remove(trace)
+            super().end_trace(trace)
+
+    def end_open_traces(self) -> None:
+        """Write every trace not yet ended (their connections are being abandoned)."""
+        for trace in list(self._open):
+            self.end_trace(trace)
