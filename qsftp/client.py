@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -103,6 +104,11 @@ CONNECT_TIMEOUT = 10.0
 _TERMINATE_TIMEOUT = 1.0
 # Operations run at once by the CLI and the tree helpers over one connection.
 PARALLEL_TRANSFERS = 64  # below aioquic's 128 concurrent streams per connection
+# Reconnection after a lost connection (resumable uploads): first wait, doubling up to the cap.
+RETRY_BACKOFF_FIRST = 0.5
+RETRY_BACKOFF_MAX = 8.0
+# Attempts the CLI makes with --resume before it gives up on a file.
+RESUME_RETRIES = 8
 # With --connections N, files at least this large are striped; smaller ones gain nothing
 # from the extra commit pass and go whole over the first connection.
 STRIPE_MIN_SIZE = 8 * 1024 * 1024
@@ -157,6 +163,8 @@ class TransferResult:
     qlog_path: str | None = None
     "This side's qlog file of the connection used (the first, if striped), written when it "
     "closes; None: no qlog."
+    resumed_bytes: int = 0
+    "Bytes the server already held from an earlier attempt (resume=True), not sent again."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -284,6 +292,7 @@ class Connection:
         sha256: str,
         chunk_size: int,
         server_cpu_us: int,
+        resumed_bytes: int = 0,
     ) -> TransferResult:
         seconds = time.perf_counter() - started
         stats = self.stats()
@@ -307,6 +316,7 @@ class Connection:
             congestion_control=self.congestion_control,
             started_at=started_at,
             qlog_path=self.qlog_path,
+            resumed_bytes=resumed_bytes,
         )
 
     async def upload(
@@ -316,11 +326,20 @@ class Connection:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         progress: Callable[[int], None] | None = None,
+        resume: bool = False,
     ) -> TransferResult:
-        """Upload one file; returns when the server has verified and stored it."""
+        """Upload one file; returns when the server has verified and stored it.
+
+        With ``resume`` the upload is resumable: the server keeps what arrived in a hidden
+        partial file even if the transfer is cut, and a later ``resume=True`` upload of the
+        same file to the same name sends only the rest (after checking that what the server
+        holds matches the local file's beginning; otherwise it starts over).
+        """
         _check_chunk_size(chunk_size)
         local = Path(path)
         name = fs.normalize_name(remote_name if remote_name is not None else local.name)
+        if resume:
+            return await self._upload_resumable(local, name, chunk_size, progress)
         file = _open_local(local)
         with file:
             size = os.fstat(file.fileno()).st_size
@@ -347,6 +366,71 @@ class Connection:
                     chunk_size=chunk_size,
                     server_cpu_us=event.server_cpu_us,
                 )
+
+    async def _upload_resumable(
+        self,
+        local: Path,
+        name: str,
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> TransferResult:
+        with _open_local(local) as probe:
+            size = os.fstat(probe.fileno()).st_size
+        upload_id = resumable_upload_id(name, size)
+        started_at = _now_iso()
+        stats_start, cpu_start = self.stats(), cpu_time()
+        started = time.perf_counter()
+        held, held_digest = await self._probe(name, upload_id)
+        if held > size or (
+            held and await asyncio.to_thread(_prefix_digest, local, held) != held_digest
+        ):
+            logger.info("%s: the server's partial file differs from this file: starting over", name)
+            await self._finish_striped(name=name, total_size=size, upload_id=upload_id, sha256=None)
+            held = 0
+        server_us = 0
+        if held < size or held == 0:
+            server_us = await self._upload_range(
+                local,
+                name=name,
+                total_size=size,
+                offset=held,
+                length=size - held,
+                upload_id=upload_id,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+        digest = bytes.fromhex(await asyncio.to_thread(fs.sha256_file, local))
+        done = await self._finish_striped(
+            name=name, total_size=size, upload_id=upload_id, sha256=digest
+        )
+        if done.sha256 != digest or done.size != size:
+            raise ChecksumMismatch(f"server stored {done.size} bytes with another SHA-256")
+        return self._result(
+            op="upload",
+            name=name,
+            local_path=local,
+            size=size,
+            started=started,
+            started_at=started_at,
+            cpu_start=cpu_start,
+            stats_start=stats_start,
+            sha256=digest.hex(),
+            chunk_size=chunk_size,
+            server_cpu_us=server_us + done.server_cpu_us,
+            resumed_bytes=held,
+        )
+
+    async def _probe(self, name: str, upload_id: bytes) -> tuple[int, bytes]:
+        """How many bytes of resumable upload ``upload_id`` the server holds, and their
+        SHA-256."""
+        protocol = self._protocol
+        async with self._operation() as channel:
+            protocol.qsftp.send_probe(channel.stream_id, name=name, upload_id=upload_id)
+            protocol.flush()
+            event = await channel.next_event()
+            if not isinstance(event, OperationDone):
+                raise event_error(event)
+            return event.size, event.sha256
 
     async def _send_verified(
         self,
@@ -516,6 +600,24 @@ class Connection:
         if len(entries) != 1:
             raise TransportError(f"STAT answered {len(entries)} entries")
         return entries[0]
+
+
+def resumable_upload_id(name: str, size: int) -> bytes:
+    """The upload id of a resumable upload: the same for the same remote name and size, so
+    that a later attempt (another process, after a crash) finds the partial file again."""
+    return hashlib.sha256(f"qsftp-resume\0{name}\0{size}".encode()).digest()[:UPLOAD_ID_LEN]
+
+
+def _prefix_digest(path: Path, count: int) -> bytes:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        while count > 0:
+            block = file.read(min(READ_BLOCK, count))
+            if not block:
+                break
+            hasher.update(block)
+            count -= len(block)
+    return hasher.digest()
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -837,17 +939,32 @@ async def upload(
     remote_name: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     connections: int = 1,
+    resume: bool = False,
+    retries: int = 0,
     **options: Any,
 ) -> TransferResult:
     """Connect, upload one file, verify, disconnect. ``options`` go to :func:`connect`.
 
     ``connections`` > 1 stripes the file over that many connections (:func:`upload_striped`).
+    ``resume`` makes the upload resumable (see :meth:`Connection.upload`); with ``retries``
+    > 0 a connection that fails or is lost (a server restart, a cut link) is opened again,
+    after 0.5, 1, 2, 4, 8 … s, and the upload continues where the server's copy stops.
     """
     if connections > 1:
         async with connect_many(connections, host, port, **options) as conns:
             return await upload_striped(conns, path, remote_name, chunk_size=chunk_size)
-    async with connect(host, port, **options) as conn:
-        return await conn.upload(path, remote_name, chunk_size=chunk_size)
+    attempt = 0
+    while True:
+        try:
+            async with connect(host, port, **options) as conn:
+                return await conn.upload(path, remote_name, chunk_size=chunk_size, resume=resume)
+        except TransportError as exc:
+            if not resume or attempt >= retries:
+                raise
+            delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2**attempt)
+            attempt += 1
+            logger.warning("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, retries)
+            await asyncio.sleep(delay)
 
 
 async def download(
@@ -932,6 +1049,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
     parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="resumable uploads: continue an interrupted upload; reconnect if the link drops",
+    )
+    parser.add_argument(
         "--connections",
         type=int,
         default=1,
@@ -976,7 +1098,16 @@ class _Cli:
 
     def report(self, result: TransferResult) -> None:
         if self.args.json:
-            fields = ("op", "name", "local_path", "size", "seconds", "sha256", "verified")
+            fields = (
+                "op",
+                "name",
+                "local_path",
+                "size",
+                "seconds",
+                "sha256",
+                "verified",
+                "resumed_bytes",
+            )
             record = {key: getattr(result, key) for key in fields}
             record["mb_s"] = round(result.throughput_mb_s, 3)
             _out(json.dumps(record))
@@ -1073,7 +1204,18 @@ async def _cli_main(cli: _Cli) -> None:
                 try:
                     size = await asyncio.to_thread(_size_or_none, path)
                     with cli.progress(name, size) as update:
-                        if len(conns) > 1 and (size or 0) >= STRIPE_MIN_SIZE:
+                        if args.resume:
+                            result = await upload(
+                                path,
+                                args.host,
+                                args.port,
+                                remote_name=name,
+                                chunk_size=args.chunk_size,
+                                resume=True,
+                                retries=RESUME_RETRIES,
+                                **options,
+                            )
+                        elif len(conns) > 1 and (size or 0) >= STRIPE_MIN_SIZE:
                             result = await upload_striped(
                                 conns, path, name, chunk_size=args.chunk_size, progress=update
                             )

@@ -404,8 +404,8 @@ class Root:
         return st.f_bavail * st.f_frsize
 
     def open_range(self, name: str, upload_id: str, *, total_size: int) -> RangeWriter:
-        """Open the shared partial file of striped upload ``upload_id`` of ``name`` for one
-        range; the file is created (at ``total_size`` bytes) by whichever range comes first."""
+        """Open the shared partial file of upload ``upload_id`` of ``name`` for one range
+        (striped or resumed uploads); whichever range comes first creates the file."""
         name = normalize_name(name)
         _check_size(total_size)
         parts = _split(name)
@@ -419,13 +419,37 @@ class Root:
                 raise _write_error(exc, name) from None
         finally:
             os.close(parent)
-        try:
-            if os.fstat(fd).st_size != total_size:
-                os.ftruncate(fd, total_size)
-        except OSError as exc:
-            os.close(fd)
-            raise _write_error(exc, name) from None
+        # Not preallocated: the partial file's size is what has been written up to its end,
+        # which is what a resumed upload asks for (probe_partial); COMMIT checks the size.
         return RangeWriter(fd, name=name, total_size=total_size)
+
+    def probe_partial(self, name: str, upload_id: str) -> tuple[int, str]:
+        """Size and SHA-256 of what the partial file of ``upload_id`` holds ((0, digest of
+        nothing) when there is none): a resuming client compares them with its own prefix."""
+        name = normalize_name(name)
+        parts = _split(name)
+        hasher = hashlib.sha256()
+        try:
+            parent = self._open_dir(parts[:-1], name)
+        except NotFound:
+            return 0, hasher.hexdigest()
+        try:
+            try:
+                fd = os.open(_partial_name(parts[-1], upload_id), _READ_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                return 0, hasher.hexdigest()
+            except OSError as exc:
+                raise _os_error(exc, name) from None
+            try:
+                size = 0
+                while block := os.read(fd, _HASH_BLOCK):
+                    hasher.update(block)
+                    size += len(block)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent)
+        return size, hasher.hexdigest()
 
     def commit_partial(
         self, name: str, upload_id: str, *, total_size: int, expected_sha256: str

@@ -42,6 +42,7 @@ from .wire import (
     List,
     Message,
     MessageType,
+    Probe,
     Put,
     PutRange,
     Stat,
@@ -53,6 +54,7 @@ __all__ = [
     "CONTROL_STREAM_ID",
     "AbortRequested",
     "CommitRequested",
+    "ProbeRequested",
     "PutRangeRequested",
     "ControlState",
     "DataReceived",
@@ -231,6 +233,18 @@ class AbortRequested(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeRequested(Event):
+    """Server: how much of an upload's partial file is held (to resume it)."""
+
+    stream_id: int
+    "Stream of the operation."
+    name: str
+    "Final remote name as sent (untrusted)."
+    upload_id: bytes
+    "The upload's id."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DataReceived(Event):
     """File bytes arrived (server: of an upload; client: of a download)."""
 
@@ -396,6 +410,7 @@ _REQUEST: dict[tuple[RequestState, MessageType | str], RequestState] = {
     (_RQ.IDLE, _T.PUT_RANGE): _RQ.BODY,
     (_RQ.IDLE, _T.COMMIT): _RQ.ENDED,
     (_RQ.IDLE, _T.ABORT): _RQ.ENDED,
+    (_RQ.IDLE, _T.PROBE): _RQ.ENDED,
     (_RQ.BODY, _T.DATA): _RQ.BODY,
     (_RQ.BODY, _T.END): _RQ.ENDED,
     (_RQ.ENDED, _FIN): _RQ.CLOSED,
@@ -431,6 +446,7 @@ _RESPONSE_FOR: dict[MessageType, ResponseState] = {
     _T.PUT_RANGE: _RS.PUT_RESULT,
     _T.COMMIT: _RS.PUT_RESULT,
     _T.ABORT: _RS.PUT_RESULT,
+    _T.PROBE: _RS.PUT_RESULT,
 }
 
 # Messages that may appear on operation streams at all; anything else there is a violation.
@@ -558,6 +574,10 @@ class QsftpConnection:
     def send_abort(self, stream_id: int, *, name: str, upload_id: bytes) -> None:
         """Client: forget a striped upload."""
         self._send_simple_request(stream_id, Abort(name=name, upload_id=upload_id))
+
+    def send_probe(self, stream_id: int, *, name: str, upload_id: bytes) -> None:
+        """Client: ask how much of a resumable upload the server holds."""
+        self._send_simple_request(stream_id, Probe(name=name, upload_id=upload_id))
 
     def send_get(self, stream_id: int, name: str, *, chunk_size: int = 0) -> None:
         """Client: ask for a file on a new stream."""
@@ -791,6 +811,9 @@ class QsftpConnection:
             case Abort():
                 stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(AbortRequested(stream_id=sid, name=msg.name, upload_id=msg.upload_id))
+            case Probe():
+                stream.response = _RESPONSE_FOR[msg.TYPE]
+                events.append(ProbeRequested(stream_id=sid, name=msg.name, upload_id=msg.upload_id))
             case Data():
                 self._count_body(stream, len(msg.data))
                 if msg.data:

@@ -47,6 +47,7 @@ from .protocol import (
     Event,
     GetRequested,
     ListRequested,
+    ProbeRequested,
     ProtocolViolation,
     PutRangeRequested,
     PutRequested,
@@ -108,9 +109,13 @@ class Limits:
     "QUIC idle timeout, seconds: a peer that sends nothing for this long is dropped."
     free_space_reserve: int = 64 * 1024 * 1024
     "An upload must leave this much free space on the root's file system, bytes."
+    partial_ttl: float = 24 * 3600.0
+    "Partial files (interrupted or abandoned uploads) untouched this long are deleted, s."
 
 
 DEFAULT_LIMITS = Limits()
+# How often stale partial files are looked for (at most; a short partial_ttl checks sooner).
+_EXPIRY_PERIOD = 3600.0
 # How long a worker process may take to print its ready line, and to stop.
 _WORKER_START_TIMEOUT = 30.0
 _WORKER_STOP_TIMEOUT = 10.0
@@ -220,10 +225,21 @@ class QsftpServer:
         # body of ``async with serve()`` reaches the caller as it is, not wrapped in a group.
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
+            self.spawn(self._expire_partials())
             ready.set_result(None)
             await self._stopping.wait()
             for task in list(self._running):
                 task.cancel()
+
+    async def _expire_partials(self) -> None:
+        """At start and then periodically, delete partial files older than partial_ttl."""
+        ttl = self.limits.partial_ttl
+        while True:
+            try:
+                await asyncio.to_thread(self.root.remove_stale_partials, ttl)
+            except (OSError, QsftpError) as exc:
+                logger.warning("could not expire partial files: %s", exc)
+            await asyncio.sleep(min(_EXPIRY_PERIOD, max(ttl / 4, 1.0)))
 
     def check_token(self, offered: str) -> bool:
         if not self._token:
@@ -301,6 +317,7 @@ class _ServerProtocol(QsftpProtocol):
                 | PutRangeRequested()
                 | CommitRequested()
                 | AbortRequested()
+                | ProbeRequested()
             ):
                 if len(self.channels) >= self.server.limits.max_operations:
                     self._answer_error(
@@ -341,6 +358,8 @@ class _ServerProtocol(QsftpProtocol):
                     await self._commit(channel, request)
                 case AbortRequested():
                     await self._abort(channel, request)
+                case ProbeRequested():
+                    await self._probe(channel, request)
         except OperationError as exc:
             logger.info("stream %d: %s: %s", stream_id, type(exc).__name__, exc.message)
             self._answer_error(stream_id, exc.error_code, exc.message)
@@ -458,6 +477,13 @@ class _ServerProtocol(QsftpProtocol):
             self.server.root.abort_partial, name, request.upload_id.hex()
         )
         self.qsftp.send_done(channel.stream_id, size=int(removed))
+
+    async def _probe(self, channel: Channel, request: ProbeRequested) -> None:
+        name = fs.normalize_name(request.name)
+        held, digest = await asyncio.to_thread(
+            self.server.root.probe_partial, name, request.upload_id.hex()
+        )
+        self.qsftp.send_done(channel.stream_id, size=held, sha256=bytes.fromhex(digest))
 
     async def _get(self, channel: Channel, request: GetRequested) -> None:
         name = fs.normalize_name(request.name)
@@ -638,6 +664,9 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=DEFAULT_LIMITS.idle_timeout, metavar="S"
     )
     limits.add_argument("--free-space-reserve", type=int, default=DEFAULT_LIMITS.free_space_reserve)
+    limits.add_argument(
+        "--partial-ttl", type=float, default=DEFAULT_LIMITS.partial_ttl, metavar="S"
+    )
     parser.add_argument(
         "--retry", action="store_true", help="QUIC address validation (one more round trip)"
     )
@@ -685,6 +714,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
             session_deadline=args.session_deadline,
             idle_timeout=args.idle_timeout,
             free_space_reserve=args.free_space_reserve,
+            partial_ttl=args.partial_ttl,
         ),
     ) as server:
         _out(

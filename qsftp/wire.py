@@ -26,6 +26,7 @@ __all__ = [
     "UPLOAD_ID_LEN",
     "Abort",
     "Commit",
+    "Probe",
     "PutRange",
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_PAYLOAD",
@@ -77,6 +78,7 @@ class MessageType(enum.IntEnum):
     PUT_RANGE = 0x14
     COMMIT = 0x15
     ABORT = 0x16
+    PROBE = 0x17
     DATA = 0x20
     END = 0x21
     FILE = 0x30
@@ -231,6 +233,17 @@ class Abort(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Probe(Message):
+    """Client → server: how much of upload ``upload_id`` do you hold? (to resume it)"""
+
+    TYPE = MessageType.PROBE
+    name: str
+    "Final remote name."
+    upload_id: bytes
+    "The upload's id."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Data(Message):
     """Either direction: file bytes."""
 
@@ -345,7 +358,7 @@ def _payload(msg: Message) -> bytes:
             return (
                 _text(msg.name) + _varint(msg.total_size) + _blob(msg.upload_id) + _blob(msg.sha256)
             )
-        case Abort():
+        case Abort() | Probe():
             return _text(msg.name) + _blob(msg.upload_id)
         case Data():
             return msg.data
@@ -477,6 +490,8 @@ def _decode_control(kind: MessageType, payload: bytes) -> Message:
             msg = Commit(name=name, total_size=total, upload_id=upload_id, sha256=digest)
         case MessageType.ABORT:
             msg = Abort(name=r.text(), upload_id=_upload_id(r))
+        case MessageType.PROBE:
+            msg = Probe(name=r.text(), upload_id=_upload_id(r))
         case MessageType.END:
             if len(payload) != _SHA256_LEN:
                 raise RemoteProtocolError("END must carry a 32-byte SHA-256")
