@@ -111,7 +111,9 @@ def text_of(nb: Any) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_sizes_and_chunks.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["01_quickstart.ipynb", "02_sizes_and_chunks.ipynb", "04_inside_quic.ipynb"]
+)
 def test_the_committed_notebook_keeps_its_outputs(name: str) -> None:
     """Outputs are part of the notebook: a reader sees results without running it."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -143,3 +145,17 @@ def test_sweep_notebook_runs_and_draws_its_figures(kernel_env: None, tmp_path: P
         p.name for p in results.iterdir()
     }
     assert not list((tmp_path / "run").glob("*.csv"))  # nothing written beside the notebook
+
+
+SMALL_INSIDE = "FILE_SIZE = 300_000\nDELAY_MS = 5.0\nLOSS = 0.02\nRATE_MBPS = 40.0\nSEED = 1\n"
+
+
+def test_inside_quic_notebook_loads_the_trace_and_plots_it(
+    kernel_env: None, tmp_path: Path
+) -> None:
+    nb = run_notebook("04_inside_quic.ipynb", SMALL_INSIDE, tmp_path / "run")
+    text = text_of(nb)
+    assert "verified: True" in text
+    assert "packets declared lost" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs(nb))
+    assert list((tmp_path / "tmp").iterdir()) == []  # the demo removed its directory
