@@ -1,0 +1,93 @@
+"""Faults through the emulated link: every transfer ends verified with identical bytes, or with
+a clear error and no file under its name — never a wrong file."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from helpers import make_file, partials, run
+
+import qsftp
+from qsftp.netem import LinkEmulator, LinkProfile
+
+SIZE = 400_000
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
+
+
+def _check(root: Path, name: str, src: Path, outcome: object) -> None:
+    final = root / name
+    if isinstance(outcome, qsftp.TransferResult):
+        assert outcome.verified
+        assert final.read_bytes() == src.read_bytes()
+    else:
+        assert isinstance(outcome, qsftp.QsftpError), outcome
+        assert not final.exists() or final.read_bytes() == src.read_bytes()
+    assert partials(root) == []
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        pytest.param(LinkProfile(loss=0.01), id="loss-1%"),
+        pytest.param(LinkProfile(loss=0.05), id="loss-5%"),
+        pytest.param(LinkProfile(loss=0.10), id="loss-10%"),
+        pytest.param(LinkProfile(delay_ms=5, reorder=0.10, duplicate=0.05), id="reorder-dup"),
+        pytest.param(LinkProfile(corrupt=0.05), id="corrupt-5%"),
+        pytest.param(LinkProfile.bursty(loss=0.03, burst=4), id="bursty-loss"),
+    ],
+)
+def test_impaired_link_transfers_end_verified(tmp_path: Path, profile: LinkProfile) -> None:
+    src = make_file(tmp_path / "f.bin", SIZE)
+    root = tmp_path / "root"
+    back = tmp_path / "back.bin"
+
+    async def body() -> tuple[object, object]:
+        async with (
+            qsftp.serve(root) as server,
+            LinkEmulator((server.host, server.port), profile=profile, seed=3) as link,
+        ):
+            options = {"pin": server.fingerprint, "max_datagram_size": 1200}
+            up = await qsftp.upload(src, link.host, link.port, **options)
+            down = await qsftp.download("f.bin", back, link.host, link.port, **options)
+            return up, down
+
+    up, down = run(body)
+    _check(root, "f.bin", src, up)
+    assert isinstance(down, qsftp.TransferResult) and back.read_bytes() == src.read_bytes()
+
+
+def test_a_blackout_of_two_seconds_mid_transfer_is_survived(tmp_path: Path) -> None:
+    src = make_file(tmp_path / "f.bin", 2_000_000)
+    root = tmp_path / "root"
+
+    async def body() -> object:
+        async with qsftp.serve(root) as server:
+            slow = LinkProfile(rate_mbps=20)
+            async with LinkEmulator((server.host, server.port), profile=slow, seed=1) as link:
+                started = asyncio.Event()
+
+                def progress(_: int) -> None:
+                    started.set()
+
+                async with qsftp.connect(
+                    link.host, link.port, pin=server.fingerprint, max_datagram_size=1200
+                ) as conn:
+                    task = asyncio.ensure_future(conn.upload(src, progress=progress))
+                    await started.wait()
+                    await asyncio.sleep(0.2)
+                    link.uplink = link.downlink = LinkProfile(loss=1.0)  # the blackout
+                    await asyncio.sleep(2.0)
+                    link.uplink = link.downlink = slow
+                    return await task
+
+    result = run(body)
+    _check(root, "f.bin", src, result)
+    assert isinstance(result, qsftp.TransferResult)
