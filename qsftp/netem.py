@@ -712,6 +712,19 @@ class LinkEmulator:
         """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
         return self.stats().as_dict(prefix)
 
+    def rebind(self) -> int:
+        """Give every client a new upstream socket, so the server sees it arrive from a new
+        source port mid-connection, as after a NAT rebinding; returns how many moved. Packets
+        still queued for the old sockets are lost (counted as host drops)."""
+        moved = 0
+        for addr, flow in list(self._flows.items()):
+            self._host_dropped[0] += flow.endpoint.dropped
+            flow.endpoint.close()
+            del self._flows[addr]
+            if self._open_flow(addr) is not None:
+                moved += 1
+        return moved
+
     def reset_stats(self) -> None:
         """Zero the counters (e.g. between the transfers of a sweep); in-flight packets stay."""
         self._up.reset_counters()

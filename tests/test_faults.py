@@ -91,3 +91,32 @@ def test_a_blackout_of_two_seconds_mid_transfer_is_survived(tmp_path: Path) -> N
     result = run(body)
     _check(root, "f.bin", src, result)
     assert isinstance(result, qsftp.TransferResult)
+
+
+def test_a_port_rebinding_mid_transfer_is_survived(tmp_path: Path) -> None:
+    """The server sees the client arrive from a new source port (a NAT rebinding): QUIC
+    validates the new path and the transfer goes on."""
+    src = make_file(tmp_path / "f.bin", 2_000_000)
+    root = tmp_path / "root"
+
+    async def body() -> object:
+        async with qsftp.serve(root) as server:
+            slow = LinkProfile(rate_mbps=20)
+            async with LinkEmulator((server.host, server.port), profile=slow, seed=1) as link:
+                started = asyncio.Event()
+
+                def progress(_: int) -> None:
+                    started.set()
+
+                async with qsftp.connect(
+                    link.host, link.port, pin=server.fingerprint, max_datagram_size=1200
+                ) as conn:
+                    task = asyncio.ensure_future(conn.upload(src, progress=progress))
+                    await started.wait()
+                    await asyncio.sleep(0.2)
+                    assert link.rebind() == 1
+                    return await task
+
+    result = run(body)
+    _check(root, "f.bin", src, result)
+    assert isinstance(result, qsftp.TransferResult)
