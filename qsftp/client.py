@@ -380,31 +380,37 @@ class Connection:
         started_at = _now_iso()
         stats_start, cpu_start = self.stats(), cpu_time()
         started = time.perf_counter()
-        held, held_digest = await self._probe(name, upload_id)
-        if held > size or (
-            held and await asyncio.to_thread(_prefix_digest, local, held) != held_digest
-        ):
-            logger.info("%s: the server's partial file differs from this file: starting over", name)
-            await self._finish_striped(name=name, total_size=size, upload_id=upload_id, sha256=None)
-            held = 0
-        server_us = 0
-        if held < size or held == 0:
-            server_us = await self._upload_range(
-                local,
-                name=name,
-                total_size=size,
-                offset=held,
-                length=size - held,
-                upload_id=upload_id,
-                chunk_size=chunk_size,
-                progress=progress,
+        # The whole file's digest (for COMMIT) is computed in a thread while the rest travels.
+        whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
+        whole.add_done_callback(consume_result)  # a failure is raised where it is awaited
+        try:
+            held, held_digest = await self._probe(name, upload_id)
+            if held > size or (
+                held and await asyncio.to_thread(_prefix_digest, local, held) != held_digest
+            ):
+                logger.info("%s: the server's partial file differs: starting over", name)
+                await self._finish_striped(
+                    name=name, total_size=size, upload_id=upload_id, sha256=None
+                )
+                held = 0
+            server_us = 0
+            if held < size or held == 0:
+                server_us = await self._upload_range(
+                    local,
+                    name=name,
+                    total_size=size,
+                    offset=held,
+                    length=size - held,
+                    upload_id=upload_id,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                )
+            digest = bytes.fromhex(await whole)
+            done = await self._finish_striped(
+                name=name, total_size=size, upload_id=upload_id, sha256=digest
             )
-        digest = bytes.fromhex(await asyncio.to_thread(fs.sha256_file, local))
-        done = await self._finish_striped(
-            name=name, total_size=size, upload_id=upload_id, sha256=digest
-        )
-        if done.sha256 != digest or done.size != size:
-            raise ChecksumMismatch(f"server stored {done.size} bytes with another SHA-256")
+        finally:
+            whole.cancel()
         return self._result(
             op="upload",
             name=name,
@@ -491,7 +497,8 @@ class Connection:
     async def _finish_striped(
         self, *, name: str, total_size: int, upload_id: bytes, sha256: bytes | None
     ) -> OperationDone:
-        """COMMIT (with the whole file's digest) or, with ``sha256`` None, ABORT."""
+        """COMMIT (with the whole file's digest) or, with ``sha256`` None, ABORT. A COMMIT's
+        DONE must report exactly that size and digest, else ChecksumMismatch."""
         protocol = self._protocol
         async with self._operation() as channel:
             if sha256 is None:
@@ -508,6 +515,10 @@ class Connection:
             event = await channel.next_event()
             if not isinstance(event, OperationDone):
                 raise event_error(event)
+            if sha256 is not None and (event.sha256 != sha256 or event.size != total_size):
+                raise ChecksumMismatch(
+                    f"server stored {event.size} bytes with SHA-256 {event.sha256.hex()}"
+                )
             return event
 
     async def download(
@@ -850,6 +861,7 @@ async def upload_striped(
     cpu_start = cpu_time()
     started = time.perf_counter()
     whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
+    whole.add_done_callback(consume_result)  # a failure is raised where it is awaited
     try:
         parts = await _gather_ranges(
             [
@@ -877,8 +889,6 @@ async def upload_striped(
                 first._finish_striped(name=name, total_size=size, upload_id=upload_id, sha256=None)
             )
         raise
-    if done.sha256 != digest or done.size != size:
-        raise ChecksumMismatch(f"server stored {done.size} bytes with SHA-256 {done.sha256.hex()}")
     seconds = time.perf_counter() - started
     stats_end = [conn.stats() for conn in connections]
     spans = list(zip(stats_start, stats_end, strict=True))
