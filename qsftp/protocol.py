@@ -769,23 +769,20 @@ class QsftpConnection:
         if msg.TYPE not in _REQUEST_TYPES:
             raise _StreamFailure(f"{msg.TYPE.name} is not a request message")
         self._request_step(stream, msg.TYPE, local=False)
+        if msg.TYPE in _RESPONSE_FOR:  # a request fixes what its response may look like
+            stream.response = _RESPONSE_FOR[msg.TYPE]
         sid = stream.stream_id
         match msg:
             case Put():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 stream.body_expected = msg.size
                 events.append(PutRequested(stream_id=sid, name=msg.name, size=msg.size))
             case Get():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(GetRequested(stream_id=sid, name=msg.name, chunk_size=msg.chunk_size))
             case List():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(ListRequested(stream_id=sid, path=msg.path, recursive=msg.recursive))
             case Stat():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(StatRequested(stream_id=sid, path=msg.path))
             case PutRange():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 stream.body_expected = msg.length
                 events.append(
                     PutRangeRequested(
@@ -798,7 +795,6 @@ class QsftpConnection:
                     )
                 )
             case Commit():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(
                     CommitRequested(
                         stream_id=sid,
@@ -809,10 +805,8 @@ class QsftpConnection:
                     )
                 )
             case Abort():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(AbortRequested(stream_id=sid, name=msg.name, upload_id=msg.upload_id))
             case Probe():
-                stream.response = _RESPONSE_FOR[msg.TYPE]
                 events.append(ProbeRequested(stream_id=sid, name=msg.name, upload_id=msg.upload_id))
             case Data():
                 self._count_body(stream, len(msg.data))
