@@ -4,6 +4,7 @@ a clear error and no file under its name — never a wrong file."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -64,31 +65,39 @@ def test_impaired_link_transfers_end_verified(tmp_path: Path, profile: LinkProfi
     assert isinstance(down, qsftp.TransferResult) and back.read_bytes() == src.read_bytes()
 
 
+async def _upload_disturbed(
+    src: Path, root: Path, disturb: Callable[[LinkEmulator], Awaitable[None]]
+) -> object:
+    """Upload ``src`` through a 20 Mbit/s link and run ``disturb`` once bytes are moving."""
+    async with qsftp.serve(root) as server:
+        slow = LinkProfile(rate_mbps=20)
+        async with LinkEmulator((server.host, server.port), profile=slow, seed=1) as link:
+            started = asyncio.Event()
+
+            def progress(_: int) -> None:
+                started.set()
+
+            async with qsftp.connect(
+                link.host, link.port, pin=server.fingerprint, max_datagram_size=1200
+            ) as conn:
+                task = asyncio.ensure_future(conn.upload(src, progress=progress))
+                await started.wait()
+                await asyncio.sleep(0.2)
+                await disturb(link)
+                return await task
+
+
 def test_a_blackout_of_two_seconds_mid_transfer_is_survived(tmp_path: Path) -> None:
     src = make_file(tmp_path / "f.bin", 2_000_000)
     root = tmp_path / "root"
 
-    async def body() -> object:
-        async with qsftp.serve(root) as server:
-            slow = LinkProfile(rate_mbps=20)
-            async with LinkEmulator((server.host, server.port), profile=slow, seed=1) as link:
-                started = asyncio.Event()
+    async def blackout(link: LinkEmulator) -> None:
+        before = link.uplink
+        link.uplink = link.downlink = LinkProfile(loss=1.0)
+        await asyncio.sleep(2.0)
+        link.uplink = link.downlink = before
 
-                def progress(_: int) -> None:
-                    started.set()
-
-                async with qsftp.connect(
-                    link.host, link.port, pin=server.fingerprint, max_datagram_size=1200
-                ) as conn:
-                    task = asyncio.ensure_future(conn.upload(src, progress=progress))
-                    await started.wait()
-                    await asyncio.sleep(0.2)
-                    link.uplink = link.downlink = LinkProfile(loss=1.0)  # the blackout
-                    await asyncio.sleep(2.0)
-                    link.uplink = link.downlink = slow
-                    return await task
-
-    result = run(body)
+    result = run(lambda: _upload_disturbed(src, root, blackout))
     _check(root, "f.bin", src, result)
     assert isinstance(result, qsftp.TransferResult)
 
@@ -99,24 +108,9 @@ def test_a_port_rebinding_mid_transfer_is_survived(tmp_path: Path) -> None:
     src = make_file(tmp_path / "f.bin", 2_000_000)
     root = tmp_path / "root"
 
-    async def body() -> object:
-        async with qsftp.serve(root) as server:
-            slow = LinkProfile(rate_mbps=20)
-            async with LinkEmulator((server.host, server.port), profile=slow, seed=1) as link:
-                started = asyncio.Event()
+    async def rebind(link: LinkEmulator) -> None:
+        assert link.rebind() == 1
 
-                def progress(_: int) -> None:
-                    started.set()
-
-                async with qsftp.connect(
-                    link.host, link.port, pin=server.fingerprint, max_datagram_size=1200
-                ) as conn:
-                    task = asyncio.ensure_future(conn.upload(src, progress=progress))
-                    await started.wait()
-                    await asyncio.sleep(0.2)
-                    assert link.rebind() == 1
-                    return await task
-
-    result = run(body)
+    result = run(lambda: _upload_disturbed(src, root, rebind))
     _check(root, "f.bin", src, result)
     assert isinstance(result, qsftp.TransferResult)
