@@ -712,9 +712,12 @@ def _ticket_to_offer(
     known_hosts: trust.KnownHosts,
     cafile_sha256: str | None,
 ) -> Ticket | None:
-    """``ticket`` if it may be offered to ``host:port`` under this trust policy, else None."""
-    if ticket is None or insecure:  # insecure: nothing is verified either way
-        return ticket
+    """``ticket`` if it may be offered to ``host:port`` under this trust policy, else None.
+    Never with ``insecure``: there is no policy to hold the stored identity to, and a ticket
+    is single-use, so spending it here would only cost a later verified connection its
+    resumption."""
+    if ticket is None or insecure:
+        return None
     reason = policy_refusal(
         ticket, host, port, pin=pin, known_hosts=known_hosts, cafile_sha256=cafile_sha256
     )
@@ -846,7 +849,7 @@ async def connect(
         handshake_ms = (time.perf_counter() - started) * 1000.0
         # A resumed handshake has no certificate: the identity stored with the ticket stands in.
         resumed = quic.tls.session_resumed
-        if resumed and offered is not None and not insecure:
+        if resumed and offered is not None:
             decision = check_resumed(
                 offered, host, port, pin=pin, known_hosts=known, cafile_sha256=cafile_sha256
             )

@@ -367,3 +367,23 @@ def test_ca_file_resumption_and_a_persisted_cache(tmp_path: Path) -> None:
     assert seen == [(False, "cafile"), (True, "cafile")]
     stored = TicketCache(path).get("localhost", port)
     assert stored is not None and stored.verified_by == "cafile" and stored.cafile_sha256
+
+
+def test_insecure_connection_neither_offers_nor_spends_a_verified_ticket(tmp_path: Path) -> None:
+    async def body() -> tuple[bool, bool]:
+        cache = TicketCache()
+        async with qsftp.serve(tmp_path / "root") as server:
+            async with qsftp.connect(
+                server.host, server.port, tickets=cache, pin=server.fingerprint
+            ):
+                pass
+            async with qsftp.connect(
+                server.host, server.port, tickets=cache, insecure=True
+            ) as insecure:
+                pass
+            async with qsftp.connect(
+                server.host, server.port, tickets=cache, pin=server.fingerprint
+            ) as verified:
+                return insecure.session_resumed, verified.session_resumed
+
+    assert run(body) == (False, True)
