@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         save_figure,
     )
     from .server import Limits, QsftpServer, serve
+    from .tickets import Ticket, TicketCache
 
 __all__ = [
     "AuthFailed",
@@ -74,6 +75,8 @@ __all__ = [
     "QsftpError",
     "QsftpServer",
     "RemoteProtocolError",
+    "Ticket",
+    "TicketCache",
     "TooLarge",
     "TransferResult",
     "TransportError",
@@ -133,6 +136,8 @@ _EXPORTS: dict[str, str] = {
     "LinkProfile": "netem",
     "LinkStats": "netem",
     "serve": "server",
+    "Ticket": "tickets",
+    "TicketCache": "tickets",
     "load_results": "experiment",
     "save_results": "experiment",
     "summarize": "experiment",

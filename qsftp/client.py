@@ -79,6 +79,7 @@ from .session import (
     send_body,
     transmit_batch,
 )
+from .tickets import Ticket, TicketCache, TicketSink, cafile_digest, check_resumed, policy_refusal
 from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, UPLOAD_ID_LEN, EntryKind
 
@@ -236,8 +237,14 @@ class Connection:
         session_ms: float,
         server: str,
         configuration: QuicConfiguration,
+        session_resumed: bool = False,
+        ticket_sink: TicketSink | None = None,
     ) -> None:
         self._protocol = protocol
+        self._ticket_sink = ticket_sink
+        self.session_resumed = session_resumed
+        "True when the TLS handshake resumed an earlier session with a ticket (no certificate)."
+
         self.host = host
         self.port = port
         self.trust = trust_decision
@@ -256,6 +263,18 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.host}:{self.port} server={self.server!r}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the QUIC connection has ended (closed by either side, or timed out)."""
+        return self._protocol.terminated is not None
+
+    @property
+    def session_ticket(self) -> Ticket | None:
+        """The newest session ticket the (trusted) server sent on this connection, for
+        ``connect(..., session_ticket=...)``; None before it arrives (usually it has by the
+        time :func:`connect` returns) or on an ``insecure`` connection."""
+        return self._ticket_sink.latest if self._ticket_sink is not None else None
 
     def stats(self) -> QuicStats:
         """Transport figures of this connection so far."""
@@ -683,6 +702,31 @@ def client_configuration(
     return configuration
 
 
+def _ticket_to_offer(
+    ticket: Ticket | None,
+    host: str,
+    port: int,
+    *,
+    insecure: bool,
+    pin: str | None,
+    known_hosts: trust.KnownHosts,
+    cafile_sha256: str | None,
+) -> Ticket | None:
+    """``ticket`` if it may be offered to ``host:port`` under this trust policy, else None.
+    Never with ``insecure``: there is no policy to hold the stored identity to, and a ticket
+    is single-use, so spending it here would only cost a later verified connection its
+    resumption."""
+    if ticket is None or insecure:
+        return None
+    reason = policy_refusal(
+        ticket, host, port, pin=pin, known_hosts=known_hosts, cafile_sha256=cafile_sha256
+    )
+    if reason is not None:
+        logger.info("full handshake with %s:%d: %s", host, port, reason)
+        return None
+    return ticket
+
+
 def _handshake_error(protocol: _ClientProtocol, host: str, port: int, cafile: Any) -> QsftpError:
     where = f"{host}:{port}"
     error = protocol.transport_error
@@ -717,6 +761,8 @@ async def connect(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
+    session_ticket: Ticket | None = None,
+    tickets: TicketCache | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
 
@@ -726,6 +772,12 @@ async def connect(
 
     ``qlog_dir`` (created if missing) receives this side's qlog trace of the connection,
     ``<ODCID>.qlog``, written when the connection closes (``Connection.qlog_path``).
+
+    Session resumption (:mod:`qsftp.tickets`): ``session_ticket`` (a ``Connection.
+    session_ticket`` of an earlier connection) or ``tickets`` (a :class:`TicketCache`, which
+    also keeps the tickets this connection receives) offer a ticket in the handshake, but only
+    when the server identity stored with it satisfies this connection's pin / CA file / known
+    hosts; ``Connection.session_resumed`` says whether the server accepted it.
     """
     if insecure and (pin or cafile):
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
@@ -745,7 +797,23 @@ async def connect(
         receive_window=receive_window,
         qlog_dir=qlog_dir,
     )
-    quic = QuicConnection(configuration=configuration)
+    known = trust.KnownHosts(Path(known_hosts) if known_hosts else None)
+    cafile_sha256 = cafile_digest(cafile) if cafile is not None else None
+    if session_ticket is None and tickets is not None:
+        session_ticket = tickets.get(host, port)
+    offered = _ticket_to_offer(
+        session_ticket,
+        host,
+        port,
+        insecure=insecure,
+        pin=pin,
+        known_hosts=known,
+        cafile_sha256=cafile_sha256,
+    )
+    if offered is not None:
+        configuration.session_ticket = offered.session_ticket
+    sink = TicketSink(host, port, tickets, cafile_sha256=cafile_sha256)
+    quic = QuicConnection(configuration=configuration, session_ticket_handler=sink.received)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -779,15 +847,23 @@ async def connect(
         except ConnectionError:
             raise _handshake_error(protocol, host, port, cafile) from None
         handshake_ms = (time.perf_counter() - started) * 1000.0
-        decision = trust.check_peer(
-            host,
-            port,
-            protocol.peer_certificate(),
-            pin=pin,
-            known_hosts=trust.KnownHosts(Path(known_hosts) if known_hosts else None),
-            insecure=insecure,
-            cafile_verified=cafile is not None,
-        )
+        # A resumed handshake has no certificate: the identity stored with the ticket stands in.
+        resumed = quic.tls.session_resumed
+        if resumed and offered is not None:
+            decision = check_resumed(
+                offered, host, port, pin=pin, known_hosts=known, cafile_sha256=cafile_sha256
+            )
+        else:
+            decision = trust.check_peer(
+                host,
+                port,
+                protocol.peer_certificate(),
+                pin=pin,
+                known_hosts=known,
+                insecure=insecure,
+                cafile_verified=cafile is not None,
+            )
+        sink.trusted(decision)
         if decision.message:
             logger.warning("%s", decision.message)
         started = time.perf_counter()
@@ -808,6 +884,8 @@ async def connect(
             session_ms=session_ms,
             server=accepted.server,
             configuration=configuration,
+            session_resumed=resumed,
+            ticket_sink=sink,
         )
         if protocol.terminated is None and protocol.qsftp.session_open:
             protocol.qsftp.terminate()

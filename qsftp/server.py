@@ -74,6 +74,7 @@ from .session import (
     send_body,
     transmit_batch,
 )
+from .tickets import TicketStore
 from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
@@ -143,8 +144,12 @@ class QsftpServer:
         certfile: Path,
         fingerprint: str,
         limits: Limits,
+        tickets: TicketStore | None = None,
     ) -> None:
         self.root = root
+        self.tickets = tickets
+        "Session tickets this server issued (None: it issues none, every handshake is full)."
+
         self.certfile = certfile
         self.fingerprint = fingerprint
         self.limits = limits
@@ -197,8 +202,13 @@ class QsftpServer:
             sock.close()
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         # retry: QUIC address validation, one extra round trip before any state is kept.
+        tickets = self.tickets
         quic = QuicServer(
-            configuration=configuration, create_protocol=self._create_protocol, retry=retry
+            configuration=configuration,
+            create_protocol=self._create_protocol,
+            retry=retry,
+            session_ticket_fetcher=tickets.pop if tickets is not None else None,
+            session_ticket_handler=tickets.add if tickets is not None else None,
         )
         endpoint = DatagramEndpoint(
             sock,
@@ -578,6 +588,7 @@ async def serve(
     receive_window: int | None = None,
     reuse_port: bool = False,
     qlog_dir: str | os.PathLike[str] | None = None,
+    session_tickets: bool = True,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
@@ -587,7 +598,9 @@ async def serve(
     ``allow_anonymous`` is set. ``reuse_port`` sets SO_REUSEPORT so that several server
     processes can share one port (``python -m qsftp.server --workers N``). ``qlog_dir``
     (created if missing) receives one qlog trace per connection, ``<ODCID>.qlog``, written
-    when the connection ends or the server stops.
+    when the connection ends or the server stops. With ``session_tickets`` (the default) the
+    server issues TLS session tickets, kept in memory (``server.tickets``), so that a client
+    can resume a session without the certificate exchange (:mod:`qsftp.tickets`).
     """
     if not token and not allow_anonymous and not is_loopback(host):
         _refuse_anonymous(host)
@@ -614,6 +627,7 @@ async def serve(
             certfile=certfile,
             fingerprint=fingerprint,
             limits=limits,
+            tickets=TicketStore() if session_tickets else None,
         )
         await server._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
         ready = asyncio.get_running_loop().create_future()
