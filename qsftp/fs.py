@@ -1054,7 +1054,7 @@ class PartialDownload:
         except OSError as exc:
             raise _write_error(exc, self.name) from None
         finally:
-            self.close()
+            self._release()  # the partial file is the destination now
         return digest
 
     def discard(self) -> None:
@@ -1063,10 +1063,17 @@ class PartialDownload:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._partial, dir_fd=self._dir_fd)
-        self.close()
+        self._release()
 
     def close(self) -> None:
-        """Release the partial file, keeping it for a later attempt. Idempotent."""
+        """Release the partial file, keeping it for a later attempt unless it is empty (then
+        there is nothing to resume). Idempotent."""
+        if self._fd >= 0 and self.size == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self._partial, dir_fd=self._dir_fd)
+        self._release()
+
+    def _release(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)  # also releases the lock

@@ -212,6 +212,37 @@ def test_a_partial_that_is_not_a_prefix_of_the_remote_file_starts_over(
     assert partials(tmp_path) == []
 
 
+def test_a_complete_partial_is_verified_and_renamed_without_fetching_a_byte(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    src = make_file(root / "f.bin", 500_000)
+    dest = tmp_path / "f.bin"
+    fs.partial_download_path(dest).write_bytes(src.read_bytes())
+
+    async def body() -> qsftp.TransferResult:
+        async with qsftp.serve(root) as server:
+            return await qsftp.download("f.bin", dest, server.host, server.port, resume=True)
+
+    result = run(body)
+    assert result.verified and result.resumed_bytes == result.size == 500_000
+    assert dest.read_bytes() == src.read_bytes()
+    assert partials(tmp_path) == []
+
+
+def test_a_failed_resumable_download_that_received_nothing_leaves_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with qsftp.serve(tmp_path / "root") as server:
+            with pytest.raises(qsftp.NotFound):
+                await qsftp.download(
+                    "missing.bin", tmp_path / "m.bin", server.host, server.port, resume=True
+                )
+
+    run(body)
+    assert partials(tmp_path) == []
+    assert not (tmp_path / "m.bin").exists()
+
+
 def test_two_downloads_never_write_one_partial_file_at_once(tmp_path: Path) -> None:
     root = tmp_path / "root"
     make_file(root / "f.bin", 1000)
