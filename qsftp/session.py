@@ -513,7 +513,7 @@ async def send_body(
     chunk_size: int,
     *,
     progress: Callable[[int], None] | None = None,
-    hasher: Any = None,
+    hasher: hashlib._Hash | None = None,
 ) -> bytes:
     """Send exactly ``size`` bytes of ``file`` as DATA frames; return their SHA-256.
 
@@ -553,8 +553,7 @@ async def send_body(
         if pending is not None:
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
-    digest: bytes = hasher.digest()
-    return digest
+    return hasher.digest()
 
 
 async def receive_body(
