@@ -105,7 +105,7 @@ CONNECT_TIMEOUT = 10.0
 _TERMINATE_TIMEOUT = 1.0
 # Operations run at once by the CLI and the tree helpers over one connection.
 PARALLEL_TRANSFERS = 64  # below aioquic's 128 concurrent streams per connection
-# Reconnection after a lost connection (resumable uploads): first wait, doubling up to the cap.
+# Reconnection after a lost connection (resumable transfers): first wait, doubling up to the cap.
 RETRY_BACKOFF_FIRST = 0.5
 RETRY_BACKOFF_MAX = 8.0
 # Attempts the CLI makes with --resume before it gives up on a file.
@@ -165,7 +165,8 @@ class TransferResult:
     "This side's qlog file of the connection used (the first, if striped), written when it "
     "closes; None: no qlog."
     resumed_bytes: int = 0
-    "Bytes the server already held from an earlier attempt (resume=True), not sent again."
+    "Bytes kept from an earlier attempt (resume=True) and not sent again: held by the server "
+    "(upload) or by the local partial file (download)."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -548,14 +549,24 @@ class Connection:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         progress: Callable[[int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
+        resume: bool = False,
     ) -> TransferResult:
         """Download one file to ``dest`` (a file path, or an existing directory; default: the
-        current directory). Nothing appears under the final name unless the SHA-256 matches."""
+        current directory). Nothing appears under the final name unless the SHA-256 matches.
+
+        With ``resume`` the download is resumable: the bytes go to a hidden partial file next
+        to the destination (``.<name>.qsftp-part``) that outlives a failed attempt, and a later
+        ``resume=True`` download to the same destination asks only for the rest — after the
+        server has checked that the partial file is a prefix of its file; otherwise it sends
+        the whole file again. The SHA-256 checked at the end covers the whole file.
+        """
         _check_chunk_size(chunk_size)
         name = fs.normalize_name(remote_name)
         target = Path(dest) if dest is not None else Path(name.rsplit("/", 1)[-1])
         if target.is_dir():
             target = target / name.rsplit("/", 1)[-1]
+        if resume:
+            return await self._download_resumable(name, target, chunk_size, progress, on_start)
         protocol = self._protocol
         async with self._operation() as channel:
             started_at = _now_iso()
@@ -596,6 +607,69 @@ class Connection:
                 chunk_size=chunk_size,
                 server_cpu_us=event.server_cpu_us,
             )
+
+    async def _download_resumable(
+        self,
+        name: str,
+        target: Path,
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+        on_start: Callable[[int], None] | None,
+    ) -> TransferResult:
+        protocol = self._protocol
+        partial = await asyncio.to_thread(fs.PartialDownload, target)
+        try:
+            started_at = _now_iso()
+            stats_start, cpu_start = self.stats(), cpu_time()
+            started = time.perf_counter()
+            held_digest = await asyncio.to_thread(partial.prefix_sha256)
+            held = partial.size
+            async with self._operation() as channel:
+                protocol.qsftp.send_get_from(
+                    channel.stream_id, name, chunk_size=chunk_size, offset=held, sha256=held_digest
+                )
+                protocol.flush()
+                event = await channel.next_event()
+                if not isinstance(event, FileStarted):
+                    raise event_error(event)
+                size, mtime_ns, offset = event.size, event.mtime_ns, event.offset
+                if offset != held:
+                    logger.info(
+                        "%s: the partial download is not a prefix of it: starting over", name
+                    )
+                    await asyncio.to_thread(partial.restart)
+                if on_start is not None:
+                    on_start(size)
+                if progress is not None and offset:
+                    progress(offset)
+                event = await channel.next_event()
+                if isinstance(event, DataReceived):
+                    event = await receive_body(
+                        protocol, channel, partial.write, first=event.data, progress=progress
+                    )
+                if not isinstance(event, OperationDone):
+                    raise event_error(event)
+                digest = await asyncio.to_thread(
+                    partial.commit, size=size, expected_sha256=event.sha256.hex()
+                )
+        finally:
+            partial.close()  # kept, unless committed or found wrong
+        with contextlib.suppress(OSError):
+            os.utime(target, ns=(mtime_ns, mtime_ns))
+        return self._result(
+            op="download",
+            name=name,
+            local_path=target,
+            size=size,
+            started=started,
+            started_at=started_at,
+            cpu_start=cpu_start,
+            stats_start=stats_start,
+            sha256=digest,
+            chunk_size=chunk_size,
+            server_cpu_us=event.server_cpu_us,
+            resumed_bytes=offset,
+        )
 
     async def _entries(self, send: Callable[[int], None]) -> list[fs.Entry]:
         async with self._operation() as channel:
@@ -1041,18 +1115,11 @@ async def upload(
     if connections > 1:
         async with connect_many(connections, host, port, **options) as conns:
             return await upload_striped(conns, path, remote_name, chunk_size=chunk_size)
-    attempt = 0
-    while True:
-        try:
-            async with connect(host, port, **options) as conn:
-                return await conn.upload(path, remote_name, chunk_size=chunk_size, resume=resume)
-        except TransportError as exc:
-            if not resume or attempt >= retries:
-                raise
-            delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2**attempt)
-            attempt += 1
-            logger.warning("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, retries)
-            await asyncio.sleep(delay)
+
+    async def attempt(conn: Connection) -> TransferResult:
+        return await conn.upload(path, remote_name, chunk_size=chunk_size, resume=resume)
+
+    return await _with_retries(attempt, host, port, retries if resume else 0, options)
 
 
 async def download(
@@ -1062,11 +1129,47 @@ async def download(
     port: int = DEFAULT_PORT,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resume: bool = False,
+    retries: int = 0,
+    progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> TransferResult:
-    """Connect, download one file, verify, disconnect. ``options`` go to :func:`connect`."""
-    async with connect(host, port, **options) as conn:
-        return await conn.download(remote_name, dest, chunk_size=chunk_size)
+    """Connect, download one file, verify, disconnect. ``options`` go to :func:`connect`.
+
+    ``resume`` makes the download resumable (see :meth:`Connection.download`); with
+    ``retries`` > 0 a connection that fails or is lost is opened again, after 0.5, 1, 2, 4,
+    8 … s, and the download continues from what the local partial file holds.
+    """
+
+    async def attempt(conn: Connection) -> TransferResult:
+        return await conn.download(
+            remote_name, dest, chunk_size=chunk_size, progress=progress, resume=resume
+        )
+
+    return await _with_retries(attempt, host, port, retries if resume else 0, options)
+
+
+async def _with_retries(
+    attempt: Callable[[Connection], Coroutine[Any, Any, TransferResult]],
+    host: str,
+    port: int,
+    retries: int,
+    options: dict[str, Any],
+) -> TransferResult:
+    """Run ``attempt`` on a new connection; after a TransportError (a refused or lost
+    connection) try again on another, up to ``retries`` times, with doubling waits."""
+    tries = 0
+    while True:
+        try:
+            async with connect(host, port, **options) as conn:
+                return await attempt(conn)
+        except TransportError as exc:
+            if tries >= retries:
+                raise
+            delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2**tries)
+            tries += 1
+            logger.warning("%s; retrying in %.1f s (%d/%d)", exc, delay, tries, retries)
+            await asyncio.sleep(delay)
 
 
 async def listdir(
@@ -1139,7 +1242,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="resumable uploads: continue an interrupted upload; reconnect if the link drops",
+        help="resumable transfers: continue an interrupted upload or download (--get); "
+        "reconnect if the link drops",
     )
     parser.add_argument(
         "--connections",
@@ -1283,7 +1387,7 @@ async def _cli_main(cli: _Cli) -> None:
                 _out(f"{entry.size:>14}  {when:%Y-%m-%d %H:%M}  {entry.name}{suffix}")
             return
         if args.get is not None:
-            await _cli_download(cli, conn, args.get, args.output)
+            await _cli_download(cli, conn, args.get, args.output, options)
             return
         plan = _upload_plan(args.files, args.remote_name)
 
@@ -1320,12 +1424,31 @@ async def _cli_main(cli: _Cli) -> None:
         await _run_transfers(cli, [job(path, name) for path, name in plan])
 
 
-async def _cli_download(cli: _Cli, conn: Connection, name: str, output: str | None) -> None:
+async def _cli_download(
+    cli: _Cli, conn: Connection, name: str, output: str | None, options: dict[str, Any]
+) -> None:
+    args = cli.args
     entry = await conn.stat(name)
     if entry.kind == "file":
         dest = Path(output) if output else None
         with cli.progress(name, entry.size) as update:
-            cli.report(await conn.download(name, dest, progress=update))
+            if args.resume:  # on a connection of its own, opened again if it is lost
+                result = await download(
+                    name,
+                    dest,
+                    args.host,
+                    args.port,
+                    chunk_size=args.chunk_size,
+                    resume=True,
+                    retries=RESUME_RETRIES,
+                    progress=update,
+                    **options,
+                )
+            else:
+                result = await conn.download(
+                    name, dest, chunk_size=args.chunk_size, progress=update
+                )
+            cli.report(result)
         return
     # A directory: every file below it, into DEST/<basename>/...; names from the server are
     # untrusted, so each is validated again before it becomes a local path.
@@ -1344,7 +1467,11 @@ async def _cli_download(cli: _Cli, conn: Connection, name: str, output: str | No
             async def go() -> None:
                 try:
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    cli.report(await conn.download(remote, local))
+                    cli.report(
+                        await conn.download(
+                            remote, local, chunk_size=args.chunk_size, resume=args.resume
+                        )
+                    )
                 except (OperationError, LocalFileError) as exc:
                     cli.fail(exc, remote)
 

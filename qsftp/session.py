@@ -519,12 +519,15 @@ async def send_body(
     chunk_size: int,
     *,
     progress: Callable[[int], None] | None = None,
+    hasher: hashlib._Hash | None = None,
 ) -> bytes:
     """Send exactly ``size`` bytes of ``file`` as DATA frames; return their SHA-256.
 
-    Disk reads and hashing run in a worker thread, one block ahead of the network.
+    Disk reads and hashing run in a worker thread, one block ahead of the network. ``hasher``
+    (a hashlib object) continues a hash of bytes that came before: the digest then covers both.
     """
-    hasher = hashlib.sha256()
+    if hasher is None:
+        hasher = hashlib.sha256()
     stream_id = channel.stream_id
     block_size = max(READ_BLOCK, chunk_size)  # a DATA frame never spans two reads
     remaining = size
