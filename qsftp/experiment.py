@@ -40,8 +40,16 @@ from tqdm import tqdm
 from . import __version__
 from .client import connect
 from .errors import QsftpError, TransportError, UsageError
-from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
+from .netem import (
+    DirectionStats,
+    LinkEmulator,
+    LinkProfile,
+    LinkStats,
+    StreamRelay,
+    stream_relay_problems,
+)
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
+from .tcp import default_congestion_control as tcp_default_congestion_control
 
 __all__ = [
     "COLUMNS",
@@ -107,6 +115,7 @@ COLUMNS = [
     "max_datagram_size",
     "congestion_control",
     "receive_window_bytes",
+    "transport",
     "connection",
     "repeat",
     "warmup",
@@ -216,9 +225,10 @@ async def _embedded_server(
     max_datagram_size: int | None,
     congestion_control: str | None,
     receive_window: int | None = None,
+    transport: str = "quic",
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
-    and PID, and ends it (by its PID) afterwards."""
+    and PID, and ends it (by its PID) afterwards. ``transport="both"``: UDP and TCP."""
     name = "-".join(
         str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
     )
@@ -242,6 +252,8 @@ async def _embedded_server(
         command += ["--congestion-control", congestion_control]
     if receive_window is not None:
         command += ["--receive-window", str(receive_window)]
+    if transport != "quic":
+        command += ["--transport", transport]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -345,6 +357,29 @@ class _Link:
         return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
 
 
+def _transports(value: Any) -> list[str]:
+    transports = list(dict.fromkeys(_as_list(value)))
+    for transport in transports:
+        if transport not in ("quic", "tcp"):
+            raise UsageError(f"transport must be 'quic' or 'tcp', not {transport!r}")
+    return transports
+
+
+def _check_stream_links(links: list[_Link | None]) -> None:
+    """TCP goes through a byte-stream relay: refuse links it cannot emulate, before starting."""
+    for link in links:
+        if link is None:
+            continue
+        for profile in (link.uplink, link.downlink):
+            problems = stream_relay_problems(profile)
+            if problems:
+                raise UsageError(
+                    f"transport 'tcp' through the link {link.label()!r}: a byte-stream relay "
+                    f"cannot apply {', '.join(problems)}; sweep TCP over links with delay and "
+                    "rate only, or use the packet-level mode"
+                )
+
+
 def _link(value: Any) -> _Link | None:
     if value is None:
         return None
@@ -379,6 +414,7 @@ class _Config:
     congestion_control: str | None
     receive_window: int | None = None
     link: _Link | None = None
+    transport: str = "quic"
 
     @property
     def server_key(self) -> tuple[int | None, str | None, int | None]:
@@ -406,6 +442,7 @@ def _row(
         max_datagram_size=config.max_datagram_size,
         congestion_control=config.congestion_control,
         receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
+        transport=config.transport,
         connection=connection,
         repeat=repeat,
         warmup=warmup,
@@ -433,7 +470,13 @@ async def _measure(
     row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
     row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
     options = dict(target.options)
-    if config.max_datagram_size is not None:
+    if config.transport == "tcp":
+        # TCP: the MSS stands in for the datagram size (known once connected), and the
+        # kernel's default algorithm applies unless one is chosen.
+        options["transport"] = "tcp"
+        row["max_datagram_size"] = None
+        row["congestion_control"] = config.congestion_control or tcp_default_congestion_control()
+    elif config.max_datagram_size is not None:
         options["max_datagram_size"] = config.max_datagram_size
     if config.congestion_control is not None:
         options["congestion_control"] = config.congestion_control
@@ -475,13 +518,14 @@ async def _measure(
     )
 
 
-async def _record_link(emulator: LinkEmulator, row: dict[str, Any]) -> None:
+async def _record_link(emulator: LinkEmulator | StreamRelay, row: dict[str, Any]) -> None:
     """Fill ``row``'s link columns once the packets of the transfer have left the link."""
     try:
         await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
     except TimeoutError:
         logger.warning("link %s still held packets after the transfer", emulator.label())
-    row.update(link=emulator.label(), link_mode="udp-relay")
+    mode = "stream-relay" if isinstance(emulator, StreamRelay) else "udp-relay"
+    row.update(link=emulator.label(), link_mode=mode)
     row.update(emulator.as_dict())
     row.update(emulator.stats_dict())
 
@@ -510,6 +554,7 @@ async def sweep(
     | tuple[LinkProfile, LinkProfile]
     | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
     | None = None,
+    transport: str | Sequence[str] = "quic",
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -531,6 +576,13 @@ async def sweep(
     server, with a seed derived from the shuffle seed; rows then carry the link's profile and
     its counters for that transfer (:data:`LINK_COLUMNS`). Through a link the datagram size
     defaults to :data:`LINK_DATAGRAM_SIZE`.
+
+    ``transport`` is "quic", "tcp" (qsftp/1 over TLS on TCP) or a list of them, another
+    dimension; the embedded server then listens on both. Through a link a TCP transfer goes
+    through a :class:`~qsftp.netem.StreamRelay`, which applies delay and rate but no packet
+    impairment: a link with loss, jitter, reordering, duplication or corruption is a
+    UsageError for TCP. Rows say which carried them (``transport``, and ``link_mode``
+    "udp-relay" or "stream-relay").
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -542,13 +594,23 @@ async def sweep(
     datagrams = _as_list(max_datagram_size)
     algorithms = _as_list(congestion_control)
     windows = _as_list(receive_window)
+    transports = _transports(transport)
     with_links = links is not None
     link_list = _links(links)
+    if "tcp" in transports:
+        _check_stream_links(link_list)
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
-        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k)
-        for d, s, c, m, a, w, k in itertools.product(
-            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows, link_list
+        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, t)
+        for d, s, c, m, a, w, k, t in itertools.product(
+            directions[direction],
+            byte_sizes,
+            chunks,
+            datagrams,
+            algorithms,
+            windows,
+            link_list,
+            transports,
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -573,6 +635,7 @@ async def sweep(
                             max_datagram_size=key[0],
                             congestion_control=key[1],
                             receive_window=key[2],
+                            transport="both" if "tcp" in transports else "quic",
                         )
                     )
                     servers[key] = server
@@ -581,13 +644,19 @@ async def sweep(
 
             # One emulator per (server, link), in front of that server; seeds derived from the
             # shuffle seed, so the same seed repeats the same losses (as far as timing allows).
-            emulators: dict[tuple[Any, _Link], LinkEmulator] = {}
-            for index, (key, link) in enumerate(
-                dict.fromkeys((c.server_key, c.link) for c in configs if c.link is not None)
+            # TCP transfers go through a stream relay of the same link instead.
+            emulators: dict[tuple[Any, _Link, bool], LinkEmulator | StreamRelay] = {}
+            for index, (key, link, stream) in enumerate(
+                dict.fromkeys(
+                    (c.server_key, c.link, c.transport == "tcp")
+                    for c in configs
+                    if c.link is not None
+                )
             ):
                 server = servers[key]
-                emulators[key, link] = await stack.enter_async_context(
-                    LinkEmulator(
+                relay = StreamRelay if stream else LinkEmulator
+                emulators[key, link, stream] = await stack.enter_async_context(
+                    relay(
                         (server.host, server.port),
                         uplink=link.uplink,
                         downlink=link.downlink,
@@ -604,7 +673,9 @@ async def sweep(
                 for key, server in servers.items():
                     for size in byte_sizes:
                         setup = _row(run_id, configs[0], -1, True, connection)
-                        cfg = _Config("upload", size, DEFAULT_CHUNK_SIZE, *key)
+                        cfg = _Config(
+                            "upload", size, DEFAULT_CHUNK_SIZE, *key, transport=transports[0]
+                        )
                         await _measure(
                             server,
                             cfg,
@@ -626,7 +697,8 @@ async def sweep(
                     server = servers[config.server_key]
                     emulator = None
                     if config.link is not None:
-                        emulator = emulators[config.server_key, config.link]
+                        stream = config.transport == "tcp"
+                        emulator = emulators[config.server_key, config.link, stream]
                         server = Target(
                             host=emulator.host,
                             port=emulator.port,
@@ -757,6 +829,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 _CONFIG_COLUMNS = [
     "direction",
+    "transport",
     "link",
     "file_size_bytes",
     "chunk_size_bytes",
@@ -811,6 +884,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pin", help="certificate fingerprint of --host")
     parser.add_argument("--cafile", help="CA file for --host")
     parser.add_argument("--max-datagram-size", type=int, nargs="+", help="QUIC datagram sizes")
+    parser.add_argument(
+        "--transport",
+        nargs="+",
+        choices=["quic", "tcp"],
+        default=["quic"],
+        help="quic, tcp (TLS over TCP) or both: a dimension (default quic)",
+    )
     parser.add_argument(
         "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
     )
@@ -868,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
                 links=links,
+                transport=args.transport,
                 seed=args.seed,
                 progress=not args.no_progress,
             )

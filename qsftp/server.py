@@ -231,6 +231,7 @@ class QsftpServer:
         reuse_port: bool,
         retry: bool,
         receive_window: int,
+        congestion_control: str | None,
     ) -> None:
         """Listen with QUIC, TCP or both; both share one port number (UDP and TCP)."""
         if transport not in ("quic", "tcp", "both"):
@@ -245,7 +246,14 @@ class QsftpServer:
             return _TcpServerProtocol(server=self, receive_window=receive_window)
 
         if transport == "tcp":
-            self._tcp = await tcp.listen(factory, host, port, context, reuse_port=reuse_port)
+            self._tcp = await tcp.listen(
+                factory,
+                host,
+                port,
+                context,
+                reuse_port=reuse_port,
+                congestion_control=congestion_control,
+            )
             self.host, self.port = self._tcp.sockets[0].getsockname()[:2]
             self.transports = ("tcp",)
             return
@@ -255,7 +263,12 @@ class QsftpServer:
             await self._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
             try:
                 self._tcp = await tcp.listen(
-                    factory, host, self.port, context, reuse_port=reuse_port
+                    factory,
+                    host,
+                    self.port,
+                    context,
+                    reuse_port=reuse_port,
+                    congestion_control=congestion_control,
                 )
                 break
             except TransportError:
@@ -701,6 +714,7 @@ async def serve(
             reuse_port=reuse_port,
             retry=retry,
             receive_window=receive_window or RECEIVE_WINDOW,
+            congestion_control=congestion_control,
         )
         ready = asyncio.get_running_loop().create_future()
         supervisor = asyncio.create_task(server._supervise(ready))

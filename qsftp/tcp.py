@@ -67,6 +67,7 @@ __all__ = [
     "FrameKind",
     "TcpSession",
     "client_context",
+    "default_congestion_control",
     "encode_frame",
     "listen",
     "open_connection",
@@ -574,6 +575,14 @@ def _u32(info: bytes, offset: int) -> int:
         return 0
     value: int = struct.unpack_from("=I", info, offset)[0]
     return value
+
+
+def default_congestion_control() -> str:
+    """The kernel's default TCP congestion control ("" where it cannot be read)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _set_congestion_control(sock: Any, name: str) -> None:

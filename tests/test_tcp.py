@@ -29,6 +29,7 @@ from qsftp.errors import (
     TrustError,
     UsageError,
 )
+from qsftp.netem import LinkProfile, StreamRelay
 from qsftp.server import Limits
 from qsftp.tcp import Frame, FrameDecoder, FrameKind, encode_frame
 
@@ -525,3 +526,79 @@ def test_cli_round_trip_over_tcp(tmp_path: Path, servers: ServerFactory) -> None
 def test_server_ready_line_says_what_it_listens_on(servers: ServerFactory) -> None:
     for transport, expected in (("quic", "quic"), ("tcp", "tcp"), ("both", "quic+tcp")):
         assert servers("--transport", transport, name=transport).transport == expected
+
+
+# --- sweeps and the stream relay ----------------------------------------------------------------
+
+
+def test_a_sweep_over_both_transports_gives_a_transport_column(tmp_path: Path) -> None:
+    from qsftp.experiment import COLUMNS, LINK_COLUMNS, measured
+
+    link = LinkProfile(delay_ms=5, rate_mbps=50)
+
+    async def body() -> Any:
+        return await qsftp.sweep(
+            sizes=["40KB"],
+            repeats=1,
+            direction="both",
+            transport=["quic", "tcp"],
+            links=[None, link],
+            progress=False,
+            files_dir=tmp_path / "files",
+        )
+
+    df = run(body)
+    assert list(df.columns) == COLUMNS + LINK_COLUMNS
+    assert (df["error"] == "").all() and df["verified"].all()
+    rows = measured(df)
+    assert set(zip(rows["transport"], rows["link_mode"], rows["direction"], strict=True)) == {
+        (t, mode, d)
+        for t, modes in (("quic", ("direct", "udp-relay")), ("tcp", ("direct", "stream-relay")))
+        for mode in modes
+        for d in ("upload", "download")
+    }
+    tcp_rows = rows[rows["transport"] == "tcp"]
+    assert (tcp_rows["max_datagram_size"] > 0).all()  # the TCP MSS
+    relayed = tcp_rows[tcp_rows["link_mode"] == "stream-relay"]
+    assert (relayed["link_up_received_bytes"] > 40_000).sum() == 1  # the upload's bytes
+    assert (relayed["handshake_ms"] >= 4 * link.delay_ms * 0.9).all()  # TCP + TLS round trips
+
+
+def test_tcp_through_a_lossy_link_is_refused_clearly(tmp_path: Path) -> None:
+    async def body() -> None:
+        await qsftp.sweep(
+            sizes=["1KB"],
+            repeats=1,
+            transport="tcp",
+            links=[LinkProfile(delay_ms=5, loss=0.01)],
+            progress=False,
+            files_dir=tmp_path / "files",
+        )
+
+    with pytest.raises(UsageError, match="cannot apply loss"):
+        run(body)
+    with pytest.raises(UsageError, match="reorder"):
+        StreamRelay(("127.0.0.1", 1), reorder=0.1)
+
+
+def test_the_stream_relay_delivers_at_its_rate_and_delays_by_its_latency(tmp_path: Path) -> None:
+    """Uploads through a 20 Mbit/s relay arrive at 20 Mbit/s (±10 %); a 20 ms one-way delay
+    makes the TCP + TLS handshake take two round trips (80 ms) or more."""
+    src = make_file(tmp_path / "src.bin", 3_000_000)
+    rate_mbps = 20
+
+    async def body() -> tuple[qsftp.TransferResult, qsftp.TransferResult]:
+        async with qsftp.serve(tmp_path / "root", transport="tcp") as server:
+            options: dict[str, Any] = {"insecure": True, "transport": "tcp"}
+            async with StreamRelay((server.host, server.port), rate_mbps=rate_mbps) as relay:
+                paced = await qsftp.upload(src, relay.host, relay.port, **options)
+                await relay.wait_drained()
+                assert relay.stats().uplink.received_bytes > 3_000_000
+            async with StreamRelay((server.host, server.port), delay_ms=20) as relay:
+                delayed = await qsftp.upload(src, relay.host, relay.port, **options)
+            return paced, delayed
+
+    paced, delayed = run(body)
+    assert paced.size * 8 / paced.seconds / 1e6 == pytest.approx(rate_mbps, rel=0.10)
+    assert delayed.handshake_ms >= 80 * 0.95
+    assert (tmp_path / "root" / "src.bin").read_bytes() == src.read_bytes()
