@@ -236,6 +236,8 @@ class TcpSession(SessionBase, asyncio.Protocol):
         if self.alpn() != ALPN:
             logger.info("closing a TCP connection that did not negotiate %s", ALPN)
             transport.abort()
+        elif self.terminated is not None:  # closed (e.g. its deadline) during the handshake
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._last_receive = self.loop.time()
