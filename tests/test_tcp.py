@@ -475,6 +475,38 @@ def test_limits_apply_over_tcp(tmp_path: Path) -> None:
     run(body)
 
 
+def test_max_operations_answers_busy_over_tcp(tmp_path: Path) -> None:
+    """A GET held up by its credit keeps its operation open; with max_operations=1 the next
+    request on that connection is answered BUSY."""
+    make_file(tmp_path / "root" / "big.bin", 2 << 20)
+    limits = Limits(max_operations=1)
+
+    def answer(frames: list[Frame], stream_id: int) -> list[wire.Message]:
+        data = (f.payload for f in frames if f.stream_id == stream_id and f.kind <= 1)
+        return _decode(b"".join(data))
+
+    async def body() -> list[Frame]:
+        async with qsftp.serve(tmp_path / "root", transport="tcp", limits=limits) as server:
+            reader, writer = await _raw_tls(server.port)
+            get = wire.encode(wire.Get(name="big.bin"))
+            writer.write(_session_bytes() + encode_frame(FrameKind.DATA_FIN, 4, get))
+            frames: list[Frame] = []
+            # FILE arrives: the GET runs (and soon waits for credit).
+            await _read_frames(reader, lambda fs: len(answer(fs, 4)) >= 1, frames=frames)
+            listing = wire.encode(wire.List(path=""))
+            writer.write(encode_frame(FrameKind.DATA_FIN, 8, listing))
+            await _read_frames(
+                reader,
+                lambda fs: any(f.stream_id == 8 and f.kind == FrameKind.DATA_FIN for f in fs),
+                frames=frames,
+            )
+            writer.close()
+            return frames
+
+    (error,) = answer(run(body), 8)
+    assert isinstance(error, wire.Error) and error.code == ErrorCode.BUSY
+
+
 # --- striped and resumable uploads, the CLI -----------------------------------------------------
 
 
