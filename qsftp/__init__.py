@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     )
     from .experiment import load_results, save_results, summarize, sweep
     from .fs import Entry
-    from .netem import LinkEmulator, LinkProfile, LinkStats
+    from .netem import LinkEmulator, LinkProfile, LinkStats, StreamRelay
     from .plots import (
         plot_chunk_size,
         plot_distribution,
@@ -75,6 +75,7 @@ __all__ = [
     "QsftpError",
     "QsftpServer",
     "RemoteProtocolError",
+    "StreamRelay",
     "Ticket",
     "TicketCache",
     "TooLarge",
@@ -135,6 +136,7 @@ _EXPORTS: dict[str, str] = {
     "LinkEmulator": "netem",
     "LinkProfile": "netem",
     "LinkStats": "netem",
+    "StreamRelay": "netem",
     "serve": "server",
     "Ticket": "tickets",
     "TicketCache": "tickets",

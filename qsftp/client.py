@@ -32,7 +32,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from tqdm import tqdm
 
-from . import __version__, fs, trust
+from . import __version__, fs, tcp, trust
 from .errors import (
     AuthFailed,
     BadPath,
@@ -62,6 +62,7 @@ from .protocol import (
 from .server import DEFAULT_PORT
 from .session import (
     DEFAULT_CHUNK_SIZE,
+    IDLE_TIMEOUT,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     READ_BLOCK,
@@ -70,6 +71,7 @@ from .session import (
     QlogWriter,
     QsftpProtocol,
     QuicStats,
+    SessionBase,
     consume_result,
     cpu_time,
     datagram_size_for,
@@ -167,6 +169,9 @@ class TransferResult:
     resumed_bytes: int = 0
     "Bytes kept from an earlier attempt (resume=True) and not sent again: held by the server "
     "(upload) or by the local partial file (download)."
+    transport: str = "quic"
+    "``quic``, or ``tcp``: TLS 1.3 over TCP, where the packet figures are TCP segments and "
+    "``max_datagram_size`` is the TCP MSS."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -180,17 +185,12 @@ class TransferResult:
         return out
 
 
-class _ClientProtocol(QsftpProtocol):
+class ClientSession(SessionBase):
+    """The client side of a qsftp/1 session, whatever transport carries it (a mixin)."""
+
     role = Role.CLIENT
 
-    def __init__(
-        self,
-        quic: QuicConnection,
-        stream_handler: Any = None,
-        *,
-        batch: set[QsftpProtocol] | None = None,
-    ) -> None:
-        super().__init__(quic, stream_handler, batch=batch)
+    def _init_client(self) -> None:
         self.session: asyncio.Future[SessionAccepted] = self.loop.create_future()
         # connect() may give up before awaiting the session (trust failure, timeout).
         self.session.add_done_callback(consume_result)
@@ -224,12 +224,30 @@ class _ClientProtocol(QsftpProtocol):
         self.terminate_answered.set()
 
 
+class _ClientProtocol(ClientSession, QsftpProtocol):
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        batch: set[QsftpProtocol] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler, batch=batch)
+        self._init_client()
+
+
+class _TcpClientProtocol(ClientSession, tcp.TcpSession):
+    def __init__(self, *, receive_window: int) -> None:
+        super().__init__(receive_window=receive_window, idle_timeout=IDLE_TIMEOUT)
+        self._init_client()
+
+
 class Connection:
     """An open qsftp/1 session. Get one with :func:`connect`; operations may run concurrently."""
 
     def __init__(
         self,
-        protocol: _ClientProtocol,
+        protocol: ClientSession,
         *,
         host: str,
         port: int,
@@ -237,7 +255,7 @@ class Connection:
         handshake_ms: float,
         session_ms: float,
         server: str,
-        configuration: QuicConfiguration,
+        configuration: QuicConfiguration | None,
         session_resumed: bool = False,
         ticket_sink: TicketSink | None = None,
     ) -> None:
@@ -253,17 +271,26 @@ class Connection:
         self.handshake_ms = handshake_ms
         self.session_ms = session_ms
         self.server = server
+        self.transport = "quic" if configuration is not None else "tcp"
+        "``quic`` or ``tcp`` (TLS 1.3 over TCP, qsftp.tcp)."
+        self.qlog_path: str | None = None
+        "This side's qlog file (written when the connection closes); None: no qlog."
+        if isinstance(protocol, tcp.TcpSession):
+            # TCP: the segment size and the kernel's congestion control stand in for QUIC's.
+            self.max_datagram_size = protocol.mss()
+            self.congestion_control = protocol.congestion_control()
+            self.receive_window = protocol.receive_window
+            return
+        assert configuration is not None
         self.max_datagram_size = configuration.max_datagram_size
         self.congestion_control = configuration.congestion_control_algorithm
         self.receive_window = configuration.max_stream_data
         writer = configuration.quic_logger
-        self.qlog_path: str | None = (
-            str(writer.paths[0]) if isinstance(writer, QlogWriter) and writer.paths else None
-        )
-        "This side's qlog file (written when the connection closes); None: no qlog."
+        if isinstance(writer, QlogWriter) and writer.paths:
+            self.qlog_path = str(writer.paths[0])
 
     def __repr__(self) -> str:
-        return f"<Connection {self.host}:{self.port} server={self.server!r}>"
+        return f"<Connection {self.transport} {self.host}:{self.port} server={self.server!r}>"
 
     @property
     def closed(self) -> bool:
@@ -278,15 +305,15 @@ class Connection:
         return self._ticket_sink.latest if self._ticket_sink is not None else None
 
     def stats(self) -> QuicStats:
-        """Transport figures of this connection so far."""
+        """Transport figures of this connection so far (over TCP: from the kernel's TCP_INFO,
+        see :func:`qsftp.tcp.tcp_stats`)."""
         return self._protocol.stats()
 
     def _open(self) -> Channel:
         protocol = self._protocol
         if protocol.terminated is not None:
             raise TransportError(protocol.termination_text())
-        stream_id = protocol._quic.get_next_available_stream_id()
-        return protocol.open_channel(stream_id)
+        return protocol.open_channel(protocol.next_stream_id())
 
     @contextlib.asynccontextmanager
     async def _operation(self) -> AsyncIterator[Channel]:
@@ -337,6 +364,7 @@ class Connection:
             started_at=started_at,
             qlog_path=self.qlog_path,
             resumed_bytes=resumed_bytes,
+            transport=self.transport,
         )
 
     async def upload(
@@ -820,6 +848,115 @@ def _handshake_error(protocol: _ClientProtocol, host: str, port: int, cafile: An
     return TransportError(f"handshake with {where} failed: {protocol.termination_text()}")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TrustPolicy:
+    """How connect() decides to trust a server (see trust.check_peer)."""
+
+    pin: str | None
+    insecure: bool
+    known_hosts: str | os.PathLike[str] | None
+    cafile: str | os.PathLike[str] | None
+
+
+def _check_peer(
+    protocol: ClientSession, host: str, port: int, policy: _TrustPolicy
+) -> trust.TrustDecision:
+    """Trust decision on the certificate the handshake presented."""
+    return trust.check_peer(
+        host,
+        port,
+        protocol.peer_certificate(),
+        pin=policy.pin,
+        known_hosts=trust.KnownHosts(Path(policy.known_hosts) if policy.known_hosts else None),
+        insecure=policy.insecure,
+        cafile_verified=policy.cafile is not None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _session(
+    protocol: ClientSession,
+    host: str,
+    port: int,
+    *,
+    token: str | None,
+    decision: trust.TrustDecision,
+    timeout: float,
+    handshake_ms: float,
+    configuration: QuicConfiguration | None,
+    session_resumed: bool = False,
+    ticket_sink: TicketSink | None = None,
+) -> AsyncIterator[Connection]:
+    """After the handshake and the trust decision, on either transport: open the session (the
+    token goes out only to a trusted server); on exit, the graceful CONN_TERMINATE exchange."""
+    if decision.message:
+        logger.warning("%s", decision.message)
+    started = time.perf_counter()
+    protocol.qsftp.request_session(token=token or "", client=f"qsftp/{__version__}")
+    protocol.flush()
+    try:
+        async with asyncio.timeout(timeout):
+            accepted = await protocol.session
+    except TimeoutError:
+        raise ConnectTimeout(f"{host}:{port} did not open a session in {timeout:g} s") from None
+    session_ms = (time.perf_counter() - started) * 1000.0
+    yield Connection(
+        protocol,
+        host=host,
+        port=port,
+        trust_decision=decision,
+        handshake_ms=handshake_ms,
+        session_ms=session_ms,
+        server=accepted.server,
+        configuration=configuration,
+        session_resumed=session_resumed,
+        ticket_sink=ticket_sink,
+    )
+    if protocol.terminated is None and protocol.qsftp.session_open:
+        protocol.qsftp.terminate()
+        protocol.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_TERMINATE_TIMEOUT):
+                await protocol.terminate_answered.wait()
+
+
+@contextlib.asynccontextmanager
+async def _connect_tcp(
+    host: str,
+    port: int,
+    *,
+    token: str | None,
+    policy: _TrustPolicy,
+    timeout: float,
+    congestion_control: str | None,
+    receive_window: int,
+) -> AsyncIterator[Connection]:
+    started = time.perf_counter()
+    protocol = await tcp.open_connection(
+        lambda: _TcpClientProtocol(receive_window=receive_window),
+        host,
+        port,
+        cafile=policy.cafile,
+        timeout=timeout,
+        congestion_control=congestion_control,
+    )
+    try:
+        handshake_ms = (time.perf_counter() - started) * 1000.0
+        async with _session(
+            protocol,
+            host,
+            port,
+            token=token,
+            decision=_check_peer(protocol, host, port, policy),
+            timeout=timeout,
+            handshake_ms=handshake_ms,
+            configuration=None,
+        ) as conn:
+            yield conn
+    finally:
+        await protocol.shutdown()
+
+
 @contextlib.asynccontextmanager
 async def connect(
     host: str = "127.0.0.1",
@@ -837,8 +974,13 @@ async def connect(
     qlog_dir: str | os.PathLike[str] | None = None,
     session_ticket: Ticket | None = None,
     tickets: TicketCache | None = None,
+    transport: str = "quic",
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
+
+    ``transport="tcp"`` carries the same session over TLS 1.3 on TCP (:mod:`qsftp.tcp`), with
+    the same trust checks and token; ``congestion_control`` then names a Linux TCP algorithm
+    and ``max_datagram_size`` / ``qlog_dir`` do not apply.
 
     ``receive_window`` is the flow-control credit, in bytes, a stream may run ahead of what
     this side has written to disk (default RECEIVE_WINDOW, 2 MiB): it bounds memory per
@@ -857,6 +999,23 @@ async def connect(
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
     if pin is not None:
         pin = trust.normalize_fingerprint(pin)
+    policy = _TrustPolicy(pin=pin, insecure=insecure, known_hosts=known_hosts, cafile=cafile)
+    if transport == "tcp":
+        if max_datagram_size is not None or qlog_dir is not None:
+            raise UsageError("max_datagram_size and qlog_dir are QUIC options (transport='tcp')")
+        async with _connect_tcp(
+            host,
+            port,
+            token=token,
+            policy=policy,
+            timeout=timeout,
+            congestion_control=congestion_control,
+            receive_window=receive_window or RECEIVE_WINDOW,
+        ) as conn:
+            yield conn
+        return
+    if transport != "quic":
+        raise UsageError(f"transport must be 'quic' or 'tcp', not {transport!r}")
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -898,13 +1057,13 @@ async def connect(
         raise TransportError(f"cannot reach {host}:{port}: {exc.strerror}") from exc
     batch: set[QsftpProtocol] = set()
     protocol = _ClientProtocol(quic, batch=batch)
-    transport = DatagramEndpoint(
+    endpoint = DatagramEndpoint(
         sock,
         receive=protocol.datagram_received,
         after_batch=lambda: transmit_batch(batch),
         error=protocol.error_received,
     )
-    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.connection_made(endpoint)  # type: ignore[arg-type]
     try:
         started = time.perf_counter()
         protocol.connect(addr)
@@ -928,52 +1087,28 @@ async def connect(
                 offered, host, port, pin=pin, known_hosts=known, cafile_sha256=cafile_sha256
             )
         else:
-            decision = trust.check_peer(
-                host,
-                port,
-                protocol.peer_certificate(),
-                pin=pin,
-                known_hosts=known,
-                insecure=insecure,
-                cafile_verified=cafile is not None,
-            )
+            decision = _check_peer(protocol, host, port, policy)
         sink.trusted(decision)
-        if decision.message:
-            logger.warning("%s", decision.message)
-        started = time.perf_counter()
-        protocol.qsftp.request_session(token=token or "", client=f"qsftp/{__version__}")
-        protocol.flush()
-        try:
-            async with asyncio.timeout(timeout):
-                accepted = await protocol.session
-        except TimeoutError:
-            raise ConnectTimeout(f"{host}:{port} did not open a session in {timeout:g} s") from None
-        session_ms = (time.perf_counter() - started) * 1000.0
-        yield Connection(
+        async with _session(
             protocol,
-            host=host,
-            port=port,
-            trust_decision=decision,
+            host,
+            port,
+            token=token,
+            decision=decision,
+            timeout=timeout,
             handshake_ms=handshake_ms,
-            session_ms=session_ms,
-            server=accepted.server,
             configuration=configuration,
             session_resumed=resumed,
             ticket_sink=sink,
-        )
-        if protocol.terminated is None and protocol.qsftp.session_open:
-            protocol.qsftp.terminate()
-            protocol.flush()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_TERMINATE_TIMEOUT):
-                    await protocol.terminate_answered.wait()
+        ) as conn:
+            yield conn
     finally:
         # close() sends CONNECTION_CLOSE at once. aioquic would then linger for three probe
         # timeouts (~100 ms on loopback) before reporting the connection closed; the session
         # is already over (CONN_TERMINATE was answered), so the socket goes now.
         protocol.close()
         protocol.discard()
-        transport.close()
+        endpoint.close()
         # Discarding skips the end of aioquic's close, where it would write the qlog trace.
         if isinstance(configuration.quic_logger, QlogWriter):
             configuration.quic_logger.end_open_traces()
@@ -1066,6 +1201,7 @@ async def upload_striped(
         started_at=started_at,
         connections=len(connections),
         qlog_path=first.qlog_path,
+        transport=first.transport,
     )
 
 
@@ -1232,13 +1368,19 @@ def _parser() -> argparse.ArgumentParser:
         "--list", nargs="?", const="", default=None, metavar="DIR", help="list a remote directory"
     )
     parser.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server UDP port (5000)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (5000)")
     parser.add_argument("--token", help="authentication token (default: $QSFTP_TOKEN)")
     parser.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DATA frame size, bytes"
     )
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
     parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
+    parser.add_argument(
+        "--transport",
+        choices=["quic", "tcp"],
+        default="quic",
+        help="QUIC (default), or TLS 1.3 over TCP to a server started with --transport tcp/both",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -1374,6 +1516,7 @@ async def _cli_main(cli: _Cli) -> None:
         "timeout": args.timeout,
         "max_datagram_size": args.max_datagram_size,
         "qlog_dir": args.qlog_dir,
+        "transport": args.transport,
     }
     if args.connections < 1:
         raise UsageError("--connections must be at least 1")

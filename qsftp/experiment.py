@@ -44,8 +44,16 @@ from tqdm import tqdm
 from . import __version__
 from .client import Connection, TransferResult, connect
 from .errors import QsftpError, TransportError, UsageError
-from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
+from .netem import (
+    DirectionStats,
+    LinkEmulator,
+    LinkProfile,
+    LinkStats,
+    StreamRelay,
+    stream_relay_problems,
+)
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, cpu_time, datagram_size_for
+from .tcp import default_congestion_control as tcp_default_congestion_control
 from .tickets import TicketCache
 
 __all__ = [
@@ -116,6 +124,7 @@ COLUMNS = [
     "max_datagram_size",
     "congestion_control",
     "receive_window_bytes",
+    "transport",
     "connection",
     "handshake",
     "repeat",
@@ -237,9 +246,11 @@ async def _embedded_server(
     congestion_control: str | None,
     receive_window: int | None = None,
     qlog_dir: Path | None = None,
+    transport: str = "quic",
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
-    and PID, and ends it (by its PID) afterwards. ``qlog_dir``: the server's qlog traces."""
+    and PID, and ends it (by its PID) afterwards. ``qlog_dir``: the server's qlog traces;
+    ``transport="both"``: UDP and TCP."""
     name = "-".join(
         str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
     )
@@ -265,6 +276,8 @@ async def _embedded_server(
         command += ["--receive-window", str(receive_window)]
     if qlog_dir is not None:
         command += ["--qlog-dir", str(qlog_dir)]
+    if transport != "quic":
+        command += ["--transport", transport]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -368,6 +381,29 @@ class _Link:
         return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
 
 
+def _transports(value: Any) -> list[str]:
+    transports = list(dict.fromkeys(_as_list(value)))
+    for transport in transports:
+        if transport not in ("quic", "tcp"):
+            raise UsageError(f"transport must be 'quic' or 'tcp', not {transport!r}")
+    return transports
+
+
+def _check_stream_links(links: list[_Link | None]) -> None:
+    """TCP goes through a byte-stream relay: refuse links it cannot emulate, before starting."""
+    for link in links:
+        if link is None:
+            continue
+        for profile in (link.uplink, link.downlink):
+            problems = stream_relay_problems(profile)
+            if problems:
+                raise UsageError(
+                    f"transport 'tcp' through the link {link.label()!r}: a byte-stream relay "
+                    f"cannot apply {', '.join(problems)}; sweep TCP over links with delay and "
+                    "rate only, or use the packet-level mode"
+                )
+
+
 def _link(value: Any) -> _Link | None:
     if value is None:
         return None
@@ -403,6 +439,7 @@ class _Config:
     receive_window: int | None = None
     link: _Link | None = None
     handshake: str = "fresh"
+    transport: str = "quic"
 
     @property
     def server_key(self) -> tuple[int | None, str | None, int | None]:
@@ -430,6 +467,7 @@ def _row(
         max_datagram_size=config.max_datagram_size,
         congestion_control=config.congestion_control,
         receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
+        transport=config.transport,
         connection=connection,
         handshake=config.handshake,
         repeat=repeat,
@@ -465,6 +503,11 @@ async def _measure(
     row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
     row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
     options = _connect_options(target, config, qlog_dir=qlog_dir)
+    if config.transport == "tcp":
+        # TCP: the MSS stands in for the datagram size (known once connected), and the
+        # kernel's default algorithm applies unless one is chosen.
+        row["max_datagram_size"] = None
+        row["congestion_control"] = config.congestion_control or tcp_default_congestion_control()
     if config.handshake == "resumed":
         options["tickets"] = tickets
 
@@ -527,13 +570,15 @@ def _connect_options(
 ) -> dict[str, Any]:
     """Keyword arguments of :func:`connect` for one transfer of ``config``."""
     options = dict(target.options)
-    if config.max_datagram_size is not None:
+    if config.transport == "tcp":
+        options["transport"] = "tcp"
+    elif config.max_datagram_size is not None:
         options["max_datagram_size"] = config.max_datagram_size
     if config.congestion_control is not None:
         options["congestion_control"] = config.congestion_control
     if config.receive_window is not None:
         options["receive_window"] = config.receive_window
-    if qlog_dir is not None:
+    if qlog_dir is not None and config.transport == "quic":
         options["qlog_dir"] = qlog_dir
     return options
 
@@ -571,13 +616,14 @@ class _Pool:
             await self.drop(config)
 
 
-async def _record_link(emulator: LinkEmulator, row: dict[str, Any]) -> None:
+async def _record_link(emulator: LinkEmulator | StreamRelay, row: dict[str, Any]) -> None:
     """Fill ``row``'s link columns once the packets of the transfer have left the link."""
     try:
         await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
     except TimeoutError:
         logger.warning("link %s still held packets after the transfer", emulator.label())
-    row.update(link=emulator.label(), link_mode="udp-relay")
+    mode = "stream-relay" if isinstance(emulator, StreamRelay) else "udp-relay"
+    row.update(link=emulator.label(), link_mode=mode)
     row.update(emulator.as_dict())
     row.update(emulator.stats_dict())
 
@@ -608,6 +654,7 @@ async def sweep(
     | None = None,
     handshake: str | Sequence[str] = "fresh",
     qlog_dir: str | os.PathLike[str] | None = None,
+    transport: str | Sequence[str] = "quic",
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -641,6 +688,13 @@ async def sweep(
     in ``qlog_dir/client``, the embedded server's in ``qlog_dir/server``; the ``qlog_path`` and
     ``server_qlog_path`` columns hold their absolute paths (:func:`qsftp.qlog.load` reads
     them). Writing qlog costs CPU on both sides: measure throughput without it.
+
+    ``transport`` is "quic", "tcp" (qsftp/1 over TLS on TCP) or a list of them, another
+    dimension; the embedded server then listens on both. Through a link a TCP transfer goes
+    through a :class:`~qsftp.netem.StreamRelay`, which applies delay and rate but no packet
+    impairment: a link with loss, jitter, reordering, duplication or corruption is a
+    UsageError for TCP. Rows say which carried them (``transport``, and ``link_mode``
+    "udp-relay" or "stream-relay").
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -652,16 +706,21 @@ async def sweep(
     datagrams = _as_list(max_datagram_size)
     algorithms = _as_list(congestion_control)
     windows = _as_list(receive_window)
+    transports = _transports(transport)
     with_links = links is not None
     link_list = _links(links)
     modes = list(dict.fromkeys(_as_list(handshake)))
     if not modes or any(mode not in HANDSHAKE_MODES for mode in modes):
         raise UsageError(f"handshake must be one or more of {HANDSHAKE_MODES}, not {handshake!r}")
     qlog_root = _absolute(qlog_dir) if qlog_dir is not None else None
+    if "tcp" in transports:
+        _check_stream_links(link_list)
+        if "resumed" in modes:
+            raise UsageError("handshake='resumed' needs QUIC session tickets, not transport tcp")
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
-        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, h)
-        for d, s, c, m, a, w, k, h in itertools.product(
+        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, h, t)
+        for d, s, c, m, a, w, k, h, t in itertools.product(
             directions[direction],
             byte_sizes,
             chunks,
@@ -670,6 +729,7 @@ async def sweep(
             windows,
             link_list,
             modes,
+            transports,
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -697,6 +757,7 @@ async def sweep(
                             congestion_control=key[1],
                             receive_window=key[2],
                             qlog_dir=qlog_root / "server" if qlog_root is not None else None,
+                            transport="both" if "tcp" in transports else "quic",
                         )
                     )
                     servers[key] = server
@@ -705,13 +766,19 @@ async def sweep(
 
             # One emulator per (server, link), in front of that server; seeds derived from the
             # shuffle seed, so the same seed repeats the same losses (as far as timing allows).
-            emulators: dict[tuple[Any, _Link], LinkEmulator] = {}
-            for index, (key, link) in enumerate(
-                dict.fromkeys((c.server_key, c.link) for c in configs if c.link is not None)
+            # TCP transfers go through a stream relay of the same link instead.
+            emulators: dict[tuple[Any, _Link, bool], LinkEmulator | StreamRelay] = {}
+            for index, (key, link, stream) in enumerate(
+                dict.fromkeys(
+                    (c.server_key, c.link, c.transport == "tcp")
+                    for c in configs
+                    if c.link is not None
+                )
             ):
                 server = servers[key]
-                emulators[key, link] = await stack.enter_async_context(
-                    LinkEmulator(
+                relay = StreamRelay if stream else LinkEmulator
+                emulators[key, link, stream] = await stack.enter_async_context(
+                    relay(
                         (server.host, server.port),
                         uplink=link.uplink,
                         downlink=link.downlink,
@@ -730,7 +797,7 @@ async def sweep(
                 server = servers[config.server_key]
                 if config.link is None:
                     return server
-                emulator = emulators[config.server_key, config.link]
+                emulator = emulators[config.server_key, config.link, config.transport == "tcp"]
                 return Target(
                     host=emulator.host,
                     port=emulator.port,
@@ -747,7 +814,9 @@ async def sweep(
                 for key, server in servers.items():
                     for size in byte_sizes:
                         setup = _row(run_id, configs[0], -1, True, connection)
-                        cfg = _Config("upload", size, DEFAULT_CHUNK_SIZE, *key)
+                        cfg = _Config(
+                            "upload", size, DEFAULT_CHUNK_SIZE, *key, transport=transports[0]
+                        )
                         await _measure(
                             server,
                             cfg,
@@ -782,7 +851,8 @@ async def sweep(
                     row = _row(run_id, config, repeat, is_warmup, connection, with_links=with_links)
                     emulator = None
                     if config.link is not None:
-                        emulator = emulators[config.server_key, config.link]
+                        stream = config.transport == "tcp"
+                        emulator = emulators[config.server_key, config.link, stream]
                         emulator.reset_stats()
                     name = remote_name(config.size)
                     await _measure(
@@ -1123,6 +1193,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 _CONFIG_COLUMNS = [
     "direction",
+    "transport",
     "link",
     "handshake",
     "file_size_bytes",
@@ -1178,6 +1249,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pin", help="certificate fingerprint of --host")
     parser.add_argument("--cafile", help="CA file for --host")
     parser.add_argument("--max-datagram-size", type=int, nargs="+", help="QUIC datagram sizes")
+    parser.add_argument(
+        "--transport",
+        nargs="+",
+        choices=["quic", "tcp"],
+        default=["quic"],
+        help="quic, tcp (TLS over TCP) or both: a dimension (default quic)",
+    )
     parser.add_argument(
         "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
     )
@@ -1283,6 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
                 links=links,
                 handshake=args.handshake or "fresh",
                 qlog_dir=args.qlog_dir,
+                transport=args.transport,
                 seed=args.seed,
                 progress=not args.no_progress,
             )

@@ -58,13 +58,18 @@ __all__ = [
     "MAX_PENDING_BYTES",
     "MAX_PENDING_PACKETS",
     "MAX_QUEUE_PACKETS",
+    "MAX_STREAM_CONNECTIONS",
+    "STREAM_PACKET_BYTES",
+    "STREAM_SEGMENT",
     "DirectionStats",
     "LinkEmulator",
     "LinkModel",
     "LinkProfile",
     "LinkStats",
+    "StreamRelay",
     "calibrate",
     "main",
+    "stream_relay_problems",
 ]
 
 logger = logging.getLogger(__name__)
@@ -873,6 +878,312 @@ class LinkEmulator:
             for waiter in self._drained:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+# --- a byte-stream relay for TCP --------------------------------------------------------------
+
+# Bytes read from a socket at a time: the grain at which the stream relay paces and delays
+# (a 16 KiB burst is 6.5 ms at 20 Mbit/s, 0.13 ms at 1 Gbit/s).
+STREAM_SEGMENT = 16 * 1024
+# Backlog of a stream relay's bottleneck, bytes per queued packet, when the profile gives
+# queue_packets only: a 1500-byte MTU packet.
+STREAM_PACKET_BYTES = 1500
+# Connections a StreamRelay carries at once; more are refused (closed at once).
+MAX_STREAM_CONNECTIONS = 256
+# The fields a byte stream cannot honour: they act on packets, which a TCP relay never sees.
+_PACKET_ONLY = ("jitter_ms", "reorder", "duplicate", "corrupt")
+
+
+def stream_relay_problems(profile: LinkProfile) -> list[str]:
+    """What of ``profile`` a :class:`StreamRelay` cannot apply (empty: it can apply all)."""
+    problems = [name for name in _PACKET_ONLY if getattr(profile, name)]
+    if profile.expected_loss:
+        problems.insert(0, "loss")
+    return problems
+
+
+class _Segment:
+    __slots__ = ("data", "due")
+
+    def __init__(self, due: float, data: bytes) -> None:
+        self.due = due
+        self.data = data
+
+
+class _StreamDirection:
+    """One direction of a StreamRelay: its profile and counters (bytes; reads as packets)."""
+
+    def __init__(self, profile: LinkProfile) -> None:
+        self.profile = profile
+        self.rate = profile.rate_mbps * 1e6 / 8 if profile.rate_mbps is not None else None
+        self.backlog = (
+            profile.queue_bytes
+            if profile.queue_bytes is not None
+            else profile.queue_packets * STREAM_PACKET_BYTES
+        )
+        self.delay = profile.delay_ms / 1000.0
+        self.pending = 0  # bytes read and not yet written on
+        self.reset()
+
+    def reset(self) -> None:
+        self.received_packets = self.received_bytes = 0
+        self.forwarded_packets = self.forwarded_bytes = 0
+        self.queue_delay_s = 0.0
+        self.peak_backlog = 0
+
+    def stats(self) -> DirectionStats:
+        return DirectionStats(
+            received_packets=self.received_packets,
+            received_bytes=self.received_bytes,
+            forwarded_packets=self.forwarded_packets,
+            forwarded_bytes=self.forwarded_bytes,
+            pending_packets=1 if self.pending else 0,
+            peak_queue_packets=-(-self.peak_backlog // STREAM_PACKET_BYTES),
+            queue_delay_s=self.queue_delay_s,
+        )
+
+
+class StreamRelay:
+    """A TCP relay to ``target`` that applies each direction's delay and rate to the byte
+    stream: the counterpart of :class:`LinkEmulator` for qsftp/1 over TCP.
+
+    Every accepted connection gets its own connection to ``target``. In each direction the
+    bytes go through a bottleneck drained at ``rate_mbps`` whose backlog is bounded by the
+    profile's queue (``queue_bytes``, else ``queue_packets`` × 1500 bytes): when it is full
+    the relay stops reading, so the sender's TCP is held back by flow control (the
+    socket-level backlog) instead of losing packets; then each byte waits ``delay_ms``. The
+    first bytes from a client also wait one round trip, standing in for the TCP handshake the
+    client completes with the relay at once.
+
+    A byte stream has no packets to lose, reorder, duplicate, corrupt or jitter: a profile
+    asking for any of these is a UsageError (use :class:`LinkEmulator` for QUIC, or the
+    packet-level mode, where TCP meets the same packet impairments). And since the sender's
+    TCP connection ends at the relay, its congestion control sees the relay, not the emulated
+    bottleneck: what this measures is qsftp/1 over TLS/TCP paced by a link's rate and delayed
+    by its latency (docs/NETWORK-LAB.md).
+    """
+
+    link_mode = "stream-relay"
+    "The ``link_mode`` of sweep rows measured through it."
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        profile: LinkProfile | None = None,
+        uplink: LinkProfile | None = None,
+        downlink: LinkProfile | None = None,
+        seed: int = 1,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        **shorthand: Any,
+    ) -> None:
+        if shorthand and profile is not None:
+            raise UsageError("give either profile= or profile fields as keywords, not both")
+        if shorthand:
+            try:
+                profile = LinkProfile(**shorthand)
+            except TypeError:
+                known = {f.name for f in dataclasses.fields(LinkProfile)}
+                unknown = ", ".join(sorted(set(shorthand) - known))
+                raise UsageError(f"not a LinkProfile field: {unknown}") from None
+        base = profile if profile is not None else LinkProfile()
+        up = uplink if uplink is not None else base
+        down = downlink if downlink is not None else base
+        for name, direction in (("uplink", up), ("downlink", down)):
+            problems = stream_relay_problems(direction)
+            if problems:
+                raise UsageError(
+                    f"a byte-stream relay (TCP) can apply delay and rate only, not "
+                    f"{', '.join(problems)} ({name}: {direction.label()}); use LinkEmulator "
+                    "(QUIC over UDP) or the packet-level mode for packet impairments"
+                )
+        self.target = (str(target[0]), int(target[1]))
+        "Where connections go: (host, port)."
+        self.seed = seed
+        "Recorded with the link's columns; nothing here is random."
+        self.host = host
+        "Where clients connect to."
+        self.port = port
+        "The listening port (the real one once started)."
+        self._up = _StreamDirection(up)
+        self._down = _StreamDirection(down)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<StreamRelay {self.host}:{self.port} → {self.target[0]}:{self.target[1]} " + (
+            f"{self.label()}>"
+        )
+
+    @property
+    def uplink(self) -> LinkProfile:
+        """The client → server profile."""
+        return self._up.profile
+
+    @property
+    def downlink(self) -> LinkProfile:
+        """The server → client profile."""
+        return self._down.profile
+
+    def label(self) -> str:
+        """The profile's label, or ``up: …; down: …`` when the directions differ."""
+        if self.uplink == self.downlink:
+            return self.uplink.label()
+        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
+
+    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """Both profiles as flat columns, as :meth:`LinkEmulator.as_dict`."""
+        return {
+            **self.uplink.as_dict(prefix + "up_"),
+            **self.downlink.as_dict(prefix + "down_"),
+            prefix + "seed": self.seed,
+        }
+
+    def stats(self) -> LinkStats:
+        """Counters in LinkEmulator's shape: "packets" are the relay's reads (at most
+        STREAM_SEGMENT bytes); nothing is ever dropped; ``pending_packets`` is 1 while bytes
+        are in flight; ``peak_queue_packets`` is the peak backlog in 1500-byte units."""
+        return LinkStats(
+            uplink=self._up.stats(), downlink=self._down.stats(), clients=len(self._tasks)
+        )
+
+    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """:meth:`stats` flattened for a DataFrame row."""
+        return self.stats().as_dict(prefix)
+
+    def reset_stats(self) -> None:
+        """Zero the counters (bytes in flight stay)."""
+        self._up.reset()
+        self._down.reset()
+
+    async def start(self) -> None:
+        """Open the listening socket."""
+        if self._server is not None:
+            raise UsageError("this StreamRelay was already started")
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        logger.info(
+            "stream relay on %s:%s → %s:%s: %s", self.host, self.port, *self.target, self.label()
+        )
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection (bytes in flight are lost)."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until no byte is in flight in either direction."""
+        async with asyncio.timeout(timeout):
+            while self._up.pending or self._down.pending:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= MAX_STREAM_CONNECTIONS:
+            writer.close()
+            return
+        # Our own task (not asyncio's callback task), so that close() can cancel it quietly.
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        # The client's TCP handshake ended at the relay at once; the emulated one would have
+        # taken a round trip before the client could send.
+        handshake = loop.time() + self._up.delay + self._down.delay
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            up_reader, upstream = await asyncio.open_connection(*self.target)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._carry(reader, upstream, self._up, handshake))
+                tasks.create_task(self._carry(up_reader, writer, self._down, 0.0))
+        except* (OSError, EOFError) as group:
+            logger.debug("stream relay connection ended: %s", group.exceptions[0])
+        finally:
+            for end in (writer, upstream):
+                if end is not None:
+                    end.close()
+
+    async def _carry(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        direction: _StreamDirection,
+        not_before: float,
+    ) -> None:
+        """Read, pace through the bottleneck, delay, write: one direction of one connection."""
+        loop = asyncio.get_running_loop()
+        segments: asyncio.Queue[_Segment | None] = asyncio.Queue()
+        busy_until = 0.0  # when the bottleneck finishes the bytes accepted so far
+
+        async def deliver() -> None:
+            while (segment := await segments.get()) is not None:
+                wait = segment.due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(segment.data)
+                await writer.drain()
+                direction.pending -= len(segment.data)
+                direction.forwarded_packets += 1
+                direction.forwarded_bytes += len(segment.data)
+                self._changed.set()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(deliver())
+            try:
+                while True:
+                    now = loop.time()
+                    rate = direction.rate
+                    if rate is not None:
+                        # A full bottleneck: stop reading until it has room (flow control).
+                        backlog = (busy_until - now) * rate
+                        if backlog > direction.backlog:
+                            await asyncio.sleep((backlog - direction.backlog) / rate)
+                    while direction.pending > MAX_PENDING_BYTES:
+                        self._changed.clear()
+                        await self._changed.wait()
+                    data = await reader.read(STREAM_SEGMENT)
+                    if not data:
+                        break
+                    now = loop.time()
+                    start = max(now, busy_until)
+                    busy_until = start + len(data) / rate if rate is not None else now
+                    if rate is not None:
+                        direction.peak_backlog = max(
+                            direction.peak_backlog, round((busy_until - now) * rate)
+                        )
+                    direction.queue_delay_s += busy_until - now
+                    direction.received_packets += 1
+                    direction.received_bytes += len(data)
+                    direction.pending += len(data)
+                    segments.put_nowait(
+                        _Segment(max(busy_until, not_before) + direction.delay, data)
+                    )
+            finally:
+                segments.put_nowait(None)
 
 
 # --- calibration: how accurate is the emulator on this machine? ---------------------------------

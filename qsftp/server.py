@@ -27,7 +27,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from . import __version__, fs, trust
+from . import __version__, fs, tcp, trust
 from .errors import (
     BadRequest,
     ChecksumMismatch,
@@ -66,6 +66,7 @@ from .session import (
     Channel,
     QlogWriter,
     QsftpProtocol,
+    SessionBase,
     cpu_time,
     datagram_size_for,
     event_error,
@@ -122,6 +123,8 @@ _EXPIRY_PERIOD = 3600.0
 # How long a worker process may take to print its ready line, and to stop.
 _WORKER_START_TIMEOUT = 30.0
 _WORKER_STOP_TIMEOUT = 10.0
+# serve(transport="both", port=0): UDP ports tried until the same TCP port is free too.
+_PORT_ATTEMPTS = 5
 # A client whose session was refused gets this long to read the ERROR before we close.
 _REJECT_GRACE = 1.0
 _SERVER_NAME = f"qsftp/{__version__}"
@@ -144,6 +147,7 @@ class QsftpServer:
         root: fs.Root,
         token: str | None,
         certfile: Path,
+        keyfile: Path,
         fingerprint: str,
         limits: Limits,
         tickets: TicketStore | None = None,
@@ -153,9 +157,10 @@ class QsftpServer:
         "Session tickets this server issued (None: it issues none, every handshake is full)."
 
         self.certfile = certfile
+        self._keyfile = keyfile
         self.fingerprint = fingerprint
         self.limits = limits
-        self.sessions: set[QsftpProtocol] = set()
+        self.sessions: set[SessionBase] = set()
         self.host = ""
         self.port = 0
         self._token = token
@@ -165,6 +170,11 @@ class QsftpServer:
         self._quic: QuicServer | None = None
         self._batch: set[QsftpProtocol] = set()
         self._qlog: QlogWriter | None = None
+        self._tcp: asyncio.Server | None = None
+        self.tcp_sessions: set[tcp.TcpSession] = set()
+        "Open TCP connections (sessions or not yet), closed when the server stops."
+        self.transports: tuple[str, ...] = ()
+        "What the server listens with: ``('quic',)``, ``('tcp',)`` or ``('quic', 'tcp')``."
 
     def __repr__(self) -> str:
         return f"<QsftpServer {self.host}:{self.port} root={self.root.path}>"
@@ -223,6 +233,64 @@ class QsftpServer:
             self._qlog = configuration.quic_logger
         self.host, self.port = sock.getsockname()[:2]
 
+    async def _listen_all(
+        self,
+        transport: str,
+        host: str,
+        port: int,
+        configuration: QuicConfiguration,
+        *,
+        reuse_port: bool,
+        retry: bool,
+        receive_window: int,
+        congestion_control: str | None,
+    ) -> None:
+        """Listen with QUIC, TCP or both; both share one port number (UDP and TCP)."""
+        if transport not in ("quic", "tcp", "both"):
+            raise UsageError(f"transport must be 'quic', 'tcp' or 'both', not {transport!r}")
+        if transport == "quic":
+            await self._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
+            self.transports = ("quic",)
+            return
+        context = tcp.server_context(self.certfile, self._keyfile)
+
+        def factory() -> tcp.TcpSession:
+            return _TcpServerProtocol(server=self, receive_window=receive_window)
+
+        if transport == "tcp":
+            self._tcp = await tcp.listen(
+                factory,
+                host,
+                port,
+                context,
+                reuse_port=reuse_port,
+                congestion_control=congestion_control,
+            )
+            self.host, self.port = self._tcp.sockets[0].getsockname()[:2]
+            self.transports = ("tcp",)
+            return
+        # Both: the UDP port first; with port 0 the kernel's choice may be taken on TCP, in
+        # which case another UDP port is tried.
+        for attempt in range(_PORT_ATTEMPTS):
+            await self._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
+            try:
+                self._tcp = await tcp.listen(
+                    factory,
+                    host,
+                    self.port,
+                    context,
+                    reuse_port=reuse_port,
+                    congestion_control=congestion_control,
+                )
+                break
+            except TransportError:
+                assert self._quic is not None
+                self._quic.close()
+                self._quic = None
+                if port != 0 or attempt == _PORT_ATTEMPTS - 1:
+                    raise
+        self.transports = ("quic", "tcp")
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run an operation handler in the server's TaskGroup."""
         if self._tasks is None or self._stopping.is_set():
@@ -261,6 +329,10 @@ class QsftpServer:
     async def _close(self, supervisor: asyncio.Task[None]) -> None:
         if self._quic is not None:
             self._quic.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            for session in list(self.tcp_sessions):
+                session.close(0, "server shutting down")
         if self._qlog is not None:  # connections still closing will not finish: write them now
             self._qlog.end_open_traces()
         self._stopping.set()
@@ -268,18 +340,13 @@ class QsftpServer:
         await asyncio.sleep(0)  # let the transport release the port before we return
 
 
-class _ServerProtocol(QsftpProtocol):
+class ServerSession(SessionBase):
+    """The server side of a qsftp/1 session, whatever transport carries it (a mixin): the
+    session checks, the limits, and one handler task per operation."""
+
     role = Role.SERVER
 
-    def __init__(
-        self,
-        quic: QuicConnection,
-        stream_handler: Any,
-        *,
-        server: QsftpServer,
-        batch: set[QsftpProtocol] | None = None,
-    ) -> None:
-        super().__init__(quic, stream_handler, batch=batch)
+    def _init_server(self, server: QsftpServer) -> None:
         self.server = server
         # A connection that has not asked for a session by then is closed: handshakes alone
         # must not hold server state forever.
@@ -340,7 +407,7 @@ class _ServerProtocol(QsftpProtocol):
                 channel = self.open_channel(event.stream_id)
                 self.server.spawn(self._run(channel, event))
             case ProtocolViolation():
-                self._stop_receiving(event.stream_id)
+                self.stop_receiving(event.stream_id)
             case _:
                 logger.debug("ignored %r", event)
 
@@ -348,10 +415,6 @@ class _ServerProtocol(QsftpProtocol):
         logger.info("session refused: %s", message)
         self.qsftp.reject_session(code, message)
         self.loop.call_later(_REJECT_GRACE, self.close, code, message)
-
-    def _stop_receiving(self, stream_id: int) -> None:
-        with contextlib.suppress(ValueError):  # the stream is already gone in aioquic
-            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
 
     async def _run(self, channel: Channel, request: Event) -> None:
         stream_id = channel.stream_id
@@ -396,9 +459,8 @@ class _ServerProtocol(QsftpProtocol):
         if self.terminated is not None:
             return
         self.qsftp.send_error(stream_id, code, message)
-        stream = self._quic._streams.get(stream_id)
-        if stream is not None and not stream.receiver.is_finished:
-            self._stop_receiving(stream_id)  # the client may still be sending: tell it to stop
+        if not self.receive_finished(stream_id):
+            self.stop_receiving(stream_id)  # the client may still be sending: tell it to stop
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
@@ -567,6 +629,29 @@ def _resume_point(
     return 0, None
 
 
+class _ServerProtocol(ServerSession, QsftpProtocol):
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any,
+        *,
+        server: QsftpServer,
+        batch: set[QsftpProtocol] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler, batch=batch)
+        self._init_server(server)
+
+
+class _TcpServerProtocol(ServerSession, tcp.TcpSession):
+    def __init__(self, *, server: QsftpServer, receive_window: int) -> None:
+        super().__init__(
+            receive_window=receive_window,
+            idle_timeout=server.limits.idle_timeout,
+            registry=server.tcp_sessions,
+        )
+        self._init_server(server)
+
+
 def server_configuration(
     certfile: Path,
     keyfile: Path,
@@ -616,8 +701,13 @@ async def serve(
     reuse_port: bool = False,
     qlog_dir: str | os.PathLike[str] | None = None,
     session_tickets: bool = True,
+    transport: str = "quic",
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
+
+    ``transport`` is ``"quic"`` (UDP), ``"tcp"`` (TLS 1.3 over TCP, :mod:`qsftp.tcp`) or
+    ``"both"`` (one port number, UDP and TCP); the limits apply to both, and
+    ``max_connections`` counts their sessions together.
 
     ``port=0`` picks a free port (read it from ``server.port``). Without ``cert``/``key`` a
     self-signed certificate is created once in ``state_dir`` (default: the user's state
@@ -652,15 +742,30 @@ async def serve(
             root=root_dir,
             token=token,
             certfile=certfile,
+            keyfile=keyfile,
             fingerprint=fingerprint,
             limits=limits,
             tickets=TicketStore() if session_tickets else None,
         )
-        await server._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
+        await server._listen_all(
+            transport,
+            host,
+            port,
+            configuration,
+            reuse_port=reuse_port,
+            retry=retry,
+            receive_window=receive_window or RECEIVE_WINDOW,
+            congestion_control=congestion_control,
+        )
         ready = asyncio.get_running_loop().create_future()
         supervisor = asyncio.create_task(server._supervise(ready))
         await ready
-        logger.info("listening on %s, root %s", server.address, root_dir.path)
+        logger.info(
+            "listening on %s (%s), root %s",
+            server.address,
+            "+".join(server.transports),
+            root_dir.path,
+        )
         try:
             yield server
         finally:
@@ -672,10 +777,17 @@ async def serve(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m qsftp.server", description="Serve a directory over QSFTP (QUIC)."
+        prog="python -m qsftp.server",
+        description="Serve a directory over QSFTP (QUIC, or TLS over TCP).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port (default 5000)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 5000)")
+    parser.add_argument(
+        "--transport",
+        choices=["quic", "tcp", "both"],
+        default="quic",
+        help="QUIC over UDP (default), TLS 1.3 over TCP, or both on the same port number",
+    )
     parser.add_argument("--root", default=DEFAULT_ROOT, help="directory served (./received)")
     parser.add_argument("--cert", help="certificate (PEM); default: a generated self-signed one")
     parser.add_argument("--key", help="private key of --cert (PEM)")
@@ -748,6 +860,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         reuse_port=args.reuse_port,
         retry=args.retry,
         qlog_dir=args.qlog_dir,
+        transport=args.transport,
         limits=Limits(
             max_file_size=args.max_file_size,
             max_connections=args.max_connections,
@@ -759,14 +872,16 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         ),
     ) as server:
         _out(
-            f"qsftp server ready on {server.address}, root {server.root.path}, "
-            f"certificate sha256:{server.fingerprint}"
+            f"qsftp server ready on {server.address}, transport {'+'.join(server.transports)}, "
+            f"root {server.root.path}, certificate sha256:{server.fingerprint}"
         )
         await stop.wait()
     _out("qsftp server stopped")
 
 
-_READY = re.compile(r"ready on (\S+), root (.+), certificate sha256:([0-9a-f]{64})")
+_READY = re.compile(
+    r"ready on (\S+), transport (\S+), root (.+), certificate sha256:([0-9a-f]{64})"
+)
 
 
 def _free_port(host: str) -> int:
@@ -807,8 +922,8 @@ async def _supervise_workers(args: argparse.Namespace, argv: list[str]) -> None:
                 raise TransportError("a worker process did not start (see its error above)")
         assert match is not None
         _out(
-            f"qsftp server ready on {match.group(1)}, root {match.group(2)}, "
-            f"certificate sha256:{match.group(3)}, {args.workers} workers"
+            f"qsftp server ready on {match.group(1)}, transport {match.group(2)}, "
+            f"root {match.group(3)}, certificate sha256:{match.group(4)}, {args.workers} workers"
         )
         waiters = [asyncio.ensure_future(w.wait()) for w in workers]
         stopper = asyncio.ensure_future(stop.wait())

@@ -5,11 +5,15 @@ each QUIC stream event into the sans-I/O :class:`~qsftp.protocol.QsftpConnection
 that queues back into QUIC, and routes every operation's events to a :class:`Channel` that one
 coroutine (a client call or a server handler) consumes.
 
+What does not depend on QUIC (the protocol state, channels, dispatch, send backpressure) lives
+in :class:`SessionBase`, which :mod:`qsftp.tcp` reuses to carry the same operations over one
+TLS-over-TCP connection; the client and server logic are mixins over that base.
+
 aioquic gives no backpressure in either direction (its stream writer's ``drain()`` never
 blocks, and it raises flow-control credit as bytes arrive, not as they are used), so this module
 bounds both itself:
 
-- sending: :meth:`QsftpProtocol.wait_writable` waits until the stream's unacknowledged bytes
+- sending: :meth:`SessionBase.wait_writable` waits until the stream's unacknowledged bytes
   in aioquic's send buffer fall below :data:`SEND_HIGH_WATER`; it is woken after every batch
   of received datagrams (that is when acknowledgements free the buffer);
 - receiving: flow-control credit is granted as the application *consumes* bytes
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import hashlib
 import ipaddress
@@ -70,6 +75,7 @@ __all__ = [
     "QlogWriter",
     "QsftpProtocol",
     "QuicStats",
+    "SessionBase",
     "consume_result",
     "datagram_size_for",
     "is_loopback",
@@ -136,7 +142,7 @@ class QuicStats:
 class Channel:
     """The events of one operation stream, for the one coroutine that handles it."""
 
-    def __init__(self, protocol: QsftpProtocol, stream_id: int) -> None:
+    def __init__(self, protocol: SessionBase, stream_id: int) -> None:
         self.protocol = protocol
         self.stream_id = stream_id
         self._events: collections.deque[Event] = collections.deque()
@@ -211,10 +217,162 @@ def event_error(event: Event) -> QsftpError:
     return RemoteProtocolError(f"unexpected {type(event).__name__}")
 
 
-class QsftpProtocol(QuicConnectionProtocol):
-    """One QUIC connection speaking qsftp/1. Subclassed by the client and server glue."""
+class SessionBase:
+    """What every qsftp/1 connection has, whatever carries it: the protocol state, the
+    channels of the running operations, event dispatch and send backpressure.
+
+    A transport class (:class:`QsftpProtocol` for QUIC, :class:`qsftp.tcp.TcpSession` for TCP)
+    supplies the methods below that raise NotImplementedError; the client and server logic
+    (``qsftp.client.ClientSession``, ``qsftp.server.ServerSession``) are mixins on top.
+    """
 
     role: Role = Role.CLIENT
+    loop: asyncio.AbstractEventLoop
+    qsftp: QsftpConnection
+    channels: dict[int, Channel]
+    terminated: quic_events.ConnectionTerminated | None
+    "Why the connection ended (a QUIC event; the TCP transport fills in the same fields)."
+    transport_error: OSError | None
+    receive_window: int
+    _writers: dict[int, asyncio.Future[None]]
+    _unconsumed: dict[int, int]  # DATA bytes handed to a channel, not yet used
+
+    def _init_session(self, receive_window: int) -> None:
+        self.receive_window = receive_window
+        self.loop = asyncio.get_running_loop()
+        self.qsftp = QsftpConnection(self.role)
+        self.channels = {}
+        self.terminated = None
+        self.transport_error = None
+        self._writers = {}
+        self._unconsumed = {}
+
+    # --- what a transport provides ----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand what the protocol queued to the transport."""
+        raise NotImplementedError
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes of ``stream_id`` this side holds that the peer has not taken yet."""
+        raise NotImplementedError
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        """The application has taken ``count`` more DATA bytes of ``stream_id``: grant credit."""
+        raise NotImplementedError
+
+    def stats(self) -> QuicStats:
+        """Transport figures of this connection so far."""
+        raise NotImplementedError
+
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        """Close the whole connection with an application error code."""
+        raise NotImplementedError
+
+    def next_stream_id(self) -> int:
+        """Client: the id of the next operation stream."""
+        raise NotImplementedError
+
+    def abort_stream(self, stream_id: int) -> None:
+        """Reset ``stream_id`` both ways (code CANCELLED)."""
+        raise NotImplementedError
+
+    def stop_receiving(self, stream_id: int) -> None:
+        """Ask the peer to stop sending on ``stream_id`` (STOP_SENDING, code CANCELLED)."""
+        raise NotImplementedError
+
+    def receive_finished(self, stream_id: int) -> bool:
+        """True when the peer's half of ``stream_id`` has ended (or the stream is gone)."""
+        raise NotImplementedError
+
+    def peer_certificate(self) -> Any:
+        """The peer's certificate as seen in the handshake (client side), or None."""
+        raise NotImplementedError
+
+    # --- sending ----------------------------------------------------------------------------
+
+    async def wait_writable(self, channel: Channel) -> None:
+        """Wait until ``channel``'s stream has room below SEND_HIGH_WATER."""
+        stream_id = channel.stream_id
+        while self.buffered(stream_id) >= SEND_HIGH_WATER:
+            channel.check()
+            waiter = self._writers[stream_id] = self.loop.create_future()
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    await waiter
+            except TimeoutError:
+                raise TransportError(f"no acknowledgement for {IDLE_TIMEOUT:.0f} s") from None
+            finally:
+                self._writers.pop(stream_id, None)
+        channel.check()
+
+    def _wake_writers(self) -> None:
+        for stream_id, waiter in list(self._writers.items()):
+            if waiter.done():
+                continue
+            channel = self.channels.get(stream_id)
+            failed = channel is None or channel.error is not None or channel.pending()
+            if failed or self.buffered(stream_id) < SEND_HIGH_WATER // 2:
+                waiter.set_result(None)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            stream_id = getattr(event, "stream_id", None)
+            channel = self.channels.get(stream_id) if stream_id is not None else None
+            if channel is not None:
+                if isinstance(event, DataReceived):
+                    self._unconsumed[channel.stream_id] = self._unconsumed.get(
+                        channel.stream_id, 0
+                    ) + len(event.data)
+                channel.push(event)
+            else:
+                self.handle_event(event)
+
+    def handle_event(self, event: Event) -> None:
+        """An event no channel claimed (session events, new requests). Overridden."""
+        logger.debug("ignored %r", event)
+
+    def _connection_lost(self, event: quic_events.ConnectionTerminated) -> None:
+        self.terminated = event
+        error = TransportError(self.termination_text())
+        for channel in self.channels.values():
+            channel.fail(error)
+        for waiter in self._writers.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def termination_text(self) -> str:
+        """Why the connection ended, for humans."""
+        if self.transport_error is not None:
+            return f"connection failed: {self.transport_error.strerror or self.transport_error}"
+        event = self.terminated
+        if event is None:
+            return "connection closed"
+        reason = f": {event.reason_phrase}" if event.reason_phrase else ""
+        return f"connection closed (code {event.error_code}){reason}"
+
+    # --- channels ---------------------------------------------------------------------------
+
+    def open_channel(self, stream_id: int) -> Channel:
+        channel = self.channels[stream_id] = Channel(self, stream_id)
+        if self.terminated is not None:
+            channel.fail(TransportError(self.termination_text()))
+        return channel
+
+    def close_channel(self, channel: Channel, *, abort: bool = False) -> None:
+        """Forget ``channel``; with ``abort``, reset the stream both ways (code CANCELLED)."""
+        stream_id = channel.stream_id
+        self.channels.pop(stream_id, None)
+        self._unconsumed.pop(stream_id, None)
+        if abort and self.terminated is None:
+            self.qsftp.reset_stream(stream_id)
+            self.abort_stream(stream_id)
+
+
+class QsftpProtocol(QuicConnectionProtocol, SessionBase):
+    """One QUIC connection speaking qsftp/1. Subclassed by the client and server glue."""
 
     def __init__(
         self,
@@ -224,16 +382,9 @@ class QsftpProtocol(QuicConnectionProtocol):
         batch: set[QsftpProtocol] | None = None,
     ) -> None:
         super().__init__(quic, stream_handler)
+        self._init_session(quic.configuration.max_stream_data)
         self.batch = batch
-        self.receive_window: int = quic.configuration.max_stream_data
-        self.loop = asyncio.get_running_loop()
-        self.qsftp = QsftpConnection(self.role)
-        self.channels: dict[int, Channel] = {}
-        self.terminated: quic_events.ConnectionTerminated | None = None
-        self.transport_error: OSError | None = None
         self._packets_lost = 0
-        self._writers: dict[int, asyncio.Future[None]] = {}
-        self._unconsumed: dict[int, int] = {}  # DATA bytes handed to a channel, not yet used
         self._instrument(quic)
 
     # --- aioquic internals we adjust (one place, documented) --------------------------------
@@ -346,30 +497,6 @@ class QsftpProtocol(QuicConnectionProtocol):
         stream = self._quic._streams.get(stream_id)
         return len(stream.sender._buffer) if stream is not None else 0
 
-    async def wait_writable(self, channel: Channel) -> None:
-        """Wait until ``channel``'s stream has room below SEND_HIGH_WATER."""
-        stream_id = channel.stream_id
-        while self.buffered(stream_id) >= SEND_HIGH_WATER:
-            channel.check()
-            waiter = self._writers[stream_id] = self.loop.create_future()
-            try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
-                    await waiter
-            except TimeoutError:
-                raise TransportError(f"no acknowledgement for {IDLE_TIMEOUT:.0f} s") from None
-            finally:
-                self._writers.pop(stream_id, None)
-        channel.check()
-
-    def _wake_writers(self) -> None:
-        for stream_id, waiter in list(self._writers.items()):
-            if waiter.done():
-                continue
-            channel = self.channels.get(stream_id)
-            failed = channel is None or channel.error is not None or channel.pending()
-            if failed or self.buffered(stream_id) < SEND_HIGH_WATER // 2:
-                waiter.set_result(None)
-
     # aioquic's asyncio layer reads the clock with loop.time(); uvloop's is cached per loop
     # iteration at 1 ms resolution, which on a sub-millisecond path turns every RTT sample
     # into 0 or 1 ms and upsets pacing and loss detection. time.monotonic() is the same clock
@@ -429,42 +556,6 @@ class QsftpProtocol(QuicConnectionProtocol):
             return
         self.flush()
 
-    def _dispatch(self, events: list[Event]) -> None:
-        for event in events:
-            stream_id = getattr(event, "stream_id", None)
-            channel = self.channels.get(stream_id) if stream_id is not None else None
-            if channel is not None:
-                if isinstance(event, DataReceived):
-                    self._unconsumed[channel.stream_id] = self._unconsumed.get(
-                        channel.stream_id, 0
-                    ) + len(event.data)
-                channel.push(event)
-            else:
-                self.handle_event(event)
-
-    def handle_event(self, event: Event) -> None:
-        """An event no channel claimed (session events, new requests). Overridden."""
-        logger.debug("ignored %r", event)
-
-    def _connection_lost(self, event: quic_events.ConnectionTerminated) -> None:
-        self.terminated = event
-        error = TransportError(self.termination_text())
-        for channel in self.channels.values():
-            channel.fail(error)
-        for waiter in self._writers.values():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def termination_text(self) -> str:
-        """Why the connection ended, for humans."""
-        if self.transport_error is not None:
-            return f"connection failed: {self.transport_error.strerror or self.transport_error}"
-        event = self.terminated
-        if event is None:
-            return "connection closed"
-        reason = f": {event.reason_phrase}" if event.reason_phrase else ""
-        return f"connection closed (code {event.error_code}){reason}"
-
     def error_received(self, exc: Exception) -> None:
         # A connected UDP socket reports ICMP errors (port unreachable → ECONNREFUSED) here:
         # fail at once instead of waiting for the handshake to time out.
@@ -476,27 +567,26 @@ class QsftpProtocol(QuicConnectionProtocol):
         self._quic._close_end()
         self._process_events()
 
-    # --- channels ---------------------------------------------------------------------------
+    # --- streams ----------------------------------------------------------------------------
 
-    def open_channel(self, stream_id: int) -> Channel:
-        channel = self.channels[stream_id] = Channel(self, stream_id)
-        if self.terminated is not None:
-            channel.fail(TransportError(self.termination_text()))
-        return channel
+    def next_stream_id(self) -> int:
+        return self._quic.get_next_available_stream_id()
 
-    def close_channel(self, channel: Channel, *, abort: bool = False) -> None:
-        """Forget ``channel``; with ``abort``, reset the stream both ways (QUIC code CANCELLED)."""
-        stream_id = channel.stream_id
-        self.channels.pop(stream_id, None)
-        self._unconsumed.pop(stream_id, None)
-        if abort and self.terminated is None:
-            self.qsftp.reset_stream(stream_id)
-            try:
-                self._quic.reset_stream(stream_id, ErrorCode.CANCELLED)
-                self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
-            except ValueError:
-                pass  # already discarded by aioquic: nothing left to stop
-            self._transmit_soon()
+    def abort_stream(self, stream_id: int) -> None:
+        try:
+            self._quic.reset_stream(stream_id, ErrorCode.CANCELLED)
+            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
+        except ValueError:
+            pass  # already discarded by aioquic: nothing left to stop
+        self._transmit_soon()
+
+    def stop_receiving(self, stream_id: int) -> None:
+        with contextlib.suppress(ValueError):  # the stream is already gone in aioquic
+            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
+
+    def receive_finished(self, stream_id: int) -> bool:
+        stream = self._quic._streams.get(stream_id)
+        return stream is None or stream.receiver.is_finished
 
 
 def transmit_batch(batch: set[QsftpProtocol]) -> None:
@@ -512,7 +602,7 @@ def _read_block(file: BinaryIO, hasher: Any, size: int) -> bytes:
 
 
 async def send_body(
-    protocol: QsftpProtocol,
+    protocol: SessionBase,
     channel: Channel,
     file: BinaryIO,
     size: int,
@@ -563,7 +653,7 @@ async def send_body(
 
 
 async def receive_body(
-    protocol: QsftpProtocol,
+    protocol: SessionBase,
     channel: Channel,
     write: Callable[[bytes], None],
     *,

@@ -50,7 +50,7 @@ EXIT_NOT_FOUND = 8
 TOKEN = "s3cret"
 READY = re.compile(
     r"^qsftp server ready on (?P<host>\[[^\]]+\]|[^\s:]+):(?P<port>\d+), "
-    r"root (?P<root>.+), certificate sha256:(?P<fp>[0-9a-f]{64})$"
+    r"transport (?P<transport>\S+), root (?P<root>.+), certificate sha256:(?P<fp>[0-9a-f]{64})$"
 )
 # Python's warning when `-m pkg.mod` runs a module the package __init__ already imported.
 RUNPY_WARNING = "found in sys.modules after import of package"
@@ -84,6 +84,7 @@ class Server:
     fingerprint: str
     state_dir: Path
     leftover: bytes = b""
+    transport: str = "quic"
 
 
 def read_line(proc: subprocess.Popen[bytes], buffer: bytearray, deadline: float) -> bytes:
@@ -150,6 +151,7 @@ class ServerFactory:
             fingerprint=match["fp"],
             state_dir=state,
             leftover=bytes(buffer),
+            transport=match["transport"],
         )
 
     def stop_all(self) -> None:
