@@ -6,7 +6,9 @@ a shuffled order whose seed is recorded, after one warm-up transfer, and returns
 transfer. Without ``target`` it starts a QSFTP server in a separate process (so client and
 server do not share one core), with its own temporary root and certificate, and stops it
 afterwards. ``links=[None, LinkProfile(delay_ms=25, loss=0.01)]`` adds emulated links as a
-dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server.
+dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server, or with
+``link_mode="packet"`` as a :class:`qsftp.packetlink.PacketLink` (Linux, root) between the
+real client and server CLIs in two network namespaces.
 docs/MEASUREMENT.md says exactly what every column measures.
 """
 
@@ -24,6 +26,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,13 +42,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .client import connect
-from .errors import QsftpError, TransportError, UsageError
+from .errors import PacketLinkUnavailable, QsftpError, TransportError, UsageError
 from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
+from .packetlink import LabServer, PacketLink, lab_server, lab_transfer, unavailable_reason
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
 
 __all__ = [
     "COLUMNS",
     "LINK_COLUMNS",
+    "LINK_MODES",
     "SCHEMA_VERSION",
     "Target",
     "cache_dir",
@@ -124,6 +129,10 @@ COLUMNS = [
     "cpu_bound",
     "error",
 ]
+
+# How a row's transfer met its link (the ``link_mode`` column): "none" for a direct
+# connection, "relay" through the UDP LinkEmulator, "packet" through a PacketLink.
+LINK_MODES = ("none", "relay", "packet")
 
 # Added after COLUMNS when ``sweep(links=...)`` is given: the link's label and mode, both
 # directions' profiles and the emulator's seed (LinkEmulator.as_dict), then its counters for
@@ -397,7 +406,7 @@ def _row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS + LINK_COLUMNS if with_links else COLUMNS)
     if with_links:
-        row.update(link="direct", link_mode="direct")
+        row.update(link="direct", link_mode="none")
     row.update(
         run_id=run_id,
         direction=config.direction,
@@ -475,15 +484,70 @@ async def _measure(
     )
 
 
+async def _packet_lab(
+    stack: contextlib.AsyncExitStack,
+    link: _Link,
+    key: tuple[int | None, str | None, int | None],
+    *,
+    seed: int,
+    root: Path,
+    files: Mapping[str, Path],
+) -> tuple[PacketLink, LabServer]:
+    """A PacketLink and the server CLI in its server namespace, serving ``root``, where
+    ``files`` ({remote name: local file}) are placed first, for downloads (not measured)."""
+    for name, source in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, source, target)
+    packet_link = await stack.enter_async_context(
+        PacketLink(uplink=link.uplink, downlink=link.downlink, seed=seed)
+    )
+    server = await stack.enter_async_context(
+        lab_server(packet_link, root, max_datagram_size=key[0])
+    )
+    return packet_link, server
+
+
 async def _record_link(emulator: LinkEmulator, row: dict[str, Any]) -> None:
     """Fill ``row``'s link columns once the packets of the transfer have left the link."""
     try:
         await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
     except TimeoutError:
         logger.warning("link %s still held packets after the transfer", emulator.label())
-    row.update(link=emulator.label(), link_mode="udp-relay")
+    row.update(link=emulator.label(), link_mode="relay")
     row.update(emulator.as_dict())
     row.update(emulator.stats_dict())
+
+
+async def _measure_packet(
+    link: PacketLink,
+    server: LabServer,
+    config: _Config,
+    *,
+    local: Path,
+    remote: str,
+    row: dict[str, Any],
+) -> None:
+    """One transfer by the client CLI in ``link``'s client namespace; fills ``row``'s
+    result and link columns (the CLI reports no handshake, RTT, packet or CPU figures)."""
+    row["max_datagram_size"] = datagram_size_for(server.host, config.max_datagram_size)
+    row["congestion_control"] = DEFAULT_CONGESTION_CONTROL
+    result = await lab_transfer(
+        link,
+        local,
+        server=server,
+        direction=config.direction,
+        remote=remote,
+        chunk_size=config.chunk_size,
+        max_datagram_size=config.max_datagram_size,
+    )
+    row.update(
+        {
+            key: result[key]
+            for key in ("timestamp", "seconds", "throughput_mbps", "sha256", "verified", "error")
+        }
+    )
+    row.update({key: result[key] for key in LINK_COLUMNS if key in result})
 
 
 def _progress_bar(total: int, *, enabled: bool) -> tqdm:
@@ -510,6 +574,7 @@ async def sweep(
     | tuple[LinkProfile, LinkProfile]
     | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
     | None = None,
+    link_mode: str = "relay",
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -531,6 +596,13 @@ async def sweep(
     server, with a seed derived from the shuffle seed; rows then carry the link's profile and
     its counters for that transfer (:data:`LINK_COLUMNS`). Through a link the datagram size
     defaults to :data:`LINK_DATAGRAM_SIZE`.
+
+    ``link_mode="packet"`` (Linux, root) runs each link as a
+    :class:`~qsftp.packetlink.PacketLink` instead: the server CLI in one network namespace,
+    each transfer by the client CLI in another, every IP packet through the link. It needs
+    the embedded server (no ``target``) and takes no ``congestion_control`` or
+    ``receive_window`` (the client CLI has no such options). Rows say which mode produced
+    them in ``link_mode``: "none" (direct), "relay" or "packet".
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -544,6 +616,19 @@ async def sweep(
     windows = _as_list(receive_window)
     with_links = links is not None
     link_list = _links(links)
+    if link_mode not in ("relay", "packet"):
+        raise UsageError(f"link_mode must be 'relay' or 'packet', not {link_mode!r}")
+    packet = link_mode == "packet" and any(link is not None for link in link_list)
+    if packet:
+        if target is not None:
+            raise UsageError("link_mode='packet' runs its own server in a namespace: no target")
+        if any(a is not None for a in algorithms) or any(w is not None for w in windows):
+            raise UsageError(
+                "link_mode='packet' takes no congestion_control or receive_window "
+                "(the client CLI has no such options)"
+            )
+        if (reason := unavailable_reason()) is not None:
+            raise PacketLinkUnavailable(reason)
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
         _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k)
@@ -565,7 +650,8 @@ async def sweep(
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
             servers: dict[tuple[int | None, str | None, int | None], Target] = {}
-            for key in dict.fromkeys(c.server_key for c in configs):
+            # In packet mode the loopback servers serve the direct rows only.
+            for key in dict.fromkeys(c.server_key for c in configs if c.link is None or not packet):
                 if target is None:
                     server, _pid = await stack.enter_async_context(
                         _embedded_server(
@@ -579,24 +665,39 @@ async def sweep(
                 else:
                     servers[key] = _target(target)
 
+            def remote_name(size: int) -> str:
+                return f"qsftp-sweep/{size}-seed{file_seed}.bin"
+
             # One emulator per (server, link), in front of that server; seeds derived from the
             # shuffle seed, so the same seed repeats the same losses (as far as timing allows).
             emulators: dict[tuple[Any, _Link], LinkEmulator] = {}
+            # Packet mode: one PacketLink per (server settings, link), its server CLI inside.
+            labs: dict[tuple[Any, _Link], tuple[PacketLink, LabServer]] = {}
             for index, (key, link) in enumerate(
                 dict.fromkeys((c.server_key, c.link) for c in configs if c.link is not None)
             ):
+                link_seed = random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31)
+                if packet:
+                    labs[key, link] = await _packet_lab(
+                        stack,
+                        link,
+                        key,
+                        seed=link_seed,
+                        root=workdir / f"packet-root-{index}",
+                        files={remote_name(size): local[size] for size in byte_sizes}
+                        if "download" in directions[direction]
+                        else {},
+                    )
+                    continue
                 server = servers[key]
                 emulators[key, link] = await stack.enter_async_context(
                     LinkEmulator(
                         (server.host, server.port),
                         uplink=link.uplink,
                         downlink=link.downlink,
-                        seed=random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31),
+                        seed=link_seed,
                     )
                 )
-
-            def remote_name(size: int) -> str:
-                return f"qsftp-sweep/{size}-seed{file_seed}.bin"
 
             # Downloads need the file on the server: put it there first (not measured, and
             # direct: never through an emulated link).
@@ -623,6 +724,17 @@ async def sweep(
                 plan += [(config, repeat, False) for config, repeat in order]
                 for config, repeat, is_warmup in plan:
                     row = _row(run_id, config, repeat, is_warmup, connection, with_links=with_links)
+                    if config.link is not None and packet:
+                        await _measure_packet(
+                            *labs[config.server_key, config.link],
+                            config,
+                            local=local[config.size],
+                            remote=remote_name(config.size),
+                            row=row,
+                        )
+                        rows.append(row)
+                        bar.update(1)
+                        continue
                     server = servers[config.server_key]
                     emulator = None
                     if config.link is not None:
@@ -659,8 +771,12 @@ async def sweep(
         frame.attrs.update(
             links=[link.label() if link else "direct" for link in link_list],
             link_seeds={
-                f"{e.label()} → {e.target[0]}:{e.target[1]}": e.seed for e in emulators.values()
+                **{
+                    f"{e.label()} → {e.target[0]}:{e.target[1]}": e.seed for e in emulators.values()
+                },
+                **{f"{p.label()} → {p.server_ns}": p.seed for p, _ in labs.values()},
             },
+            link_mode=link_mode,
         )
     frame.attrs.update(
         run_id=run_id,
@@ -758,6 +874,7 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
 _CONFIG_COLUMNS = [
     "direction",
     "link",
+    "link_mode",
     "file_size_bytes",
     "chunk_size_bytes",
     "max_datagram_size",
@@ -820,6 +937,12 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--delay-ms", type=float, help="one-way delay, ms")
     link.add_argument("--loss", type=float, help="random loss probability, e.g. 0.01")
     link.add_argument("--rate-mbps", type=float, help="bottleneck rate, Mbit/s")
+    link.add_argument(
+        "--link-mode",
+        choices=["relay", "packet"],
+        default="relay",
+        help="relay: UDP LinkEmulator (default); packet: PacketLink (Linux, root)",
+    )
     parser.add_argument("--seed", type=int, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--out", default="data", help="output directory (default: data/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -868,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
                 links=links,
+                link_mode=args.link_mode,
                 seed=args.seed,
                 progress=not args.no_progress,
             )
