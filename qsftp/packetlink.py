@@ -35,7 +35,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import fcntl
 import itertools
 import json
 import logging
@@ -257,6 +256,8 @@ def _open_tun(namespace: str, name: str) -> int:
     descriptor works from any thread afterwards. IPv6 is switched off on the device so the
     kernel's router solicitations and MLD reports do not cross the link.
     """
+    import fcntl  # noqa: PLC0415 - POSIX only: importing this module must work everywhere
+
     outcome: dict[str, Any] = {}
 
     def create() -> None:
