@@ -15,11 +15,16 @@ So QUIC and TCP meet exactly the same link and go through the real kernel networ
 (TCP's own retransmission, the kernel's UDP checksums, IP fragmentation above the MTU).
 Only private addresses inside the two namespaces are used; nothing is routed anywhere else.
 
+:class:`VethLink` is the rate-only variant without a bridge: client and server namespaces
+joined through a third, a router's, by veth pairs, with ``tc tbf`` on the router's way out in
+each direction (the kernel's token bucket: rate and a tail-drop queue, nothing else).
+
 The glue is asyncio, as in :class:`qsftp.netem.LinkEmulator`: a reader per TUN descriptor
 (non-blocking, ``loop.add_reader``), and one timer per direction (the relay's own pump).
 Helpers run commands in a namespace (``ip netns exec``); :func:`lab_server` and
 :func:`lab_transfer` run the real ``python -m qsftp.server`` and ``python -m qsftp.client``
-CLIs there. Namespaces are named ``qsftp-<pid>-<n>-srv`` / ``-cli``; ``close()`` deletes them
+CLIs there. Namespaces are named ``qsftp-<pid>-<n>-srv`` / ``-cli`` (``-rtr``);
+``close()`` deletes them
 (also on error or cancellation, and at interpreter exit), and every start first deletes those
 left behind by processes that no longer exist (:func:`cleanup_stale`).
 
@@ -38,6 +43,7 @@ import datetime
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -50,11 +56,11 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from .errors import PacketLinkUnavailable, TransportError, UsageError
 
@@ -63,6 +69,7 @@ from .errors import PacketLinkUnavailable, TransportError, UsageError
 from .netem import (
     _RECEIVER,
     _SENDER,
+    DirectionStats,
     LinkModel,
     LinkProfile,
     LinkStats,
@@ -76,9 +83,13 @@ __all__ = [
     "DEFAULT_MTU",
     "NETNS_PREFIX",
     "SERVER_ADDR",
+    "DEFAULT_TBF_QUEUE_MS",
     "TRANSPORTS",
+    "VETH_CLIENT_ADDR",
+    "VETH_SERVER_ADDR",
     "LabServer",
     "PacketLink",
+    "VethLink",
     "available",
     "calibrate",
     "cleanup_stale",
@@ -94,7 +105,7 @@ logger = logging.getLogger(__name__)
 # Namespaces are named NETNS_PREFIX + "<pid>-<n>-srv|cli": the PID says whose they are, so a
 # later run can delete those of a process that died without cleaning up.
 NETNS_PREFIX = "qsftp-"
-_STALE_RE = re.compile(rf"^{re.escape(NETNS_PREFIX)}(\d+)-\d+-(?:srv|cli)$")
+_STALE_RE = re.compile(rf"^{re.escape(NETNS_PREFIX)}(\d+)-\d+-(?:srv|cli|rtr)$")
 # The two ends of the link: one /30, private (RFC 1918), existing only inside the namespaces.
 SERVER_ADDR = "10.199.0.1"
 CLIENT_ADDR = "10.199.0.2"
@@ -109,6 +120,19 @@ DEFAULT_MTU = 1500
 # a burst waits here instead of being dropped before it reaches the emulated link: the
 # relay's socket receive buffer plays the same part.
 _TXQUEUELEN = 5000
+# VethLink: client 10.199.0.2 — 10.199.0.1 router 10.199.0.5 — 10.199.0.6 server, two /30s.
+VETH_CLIENT_ADDR = "10.199.0.2"
+VETH_SERVER_ADDR = "10.199.0.6"
+_CLIENT_GATEWAY = "10.199.0.1"
+_SERVER_GATEWAY = "10.199.0.5"
+_ROUTER_TO_CLIENT = "qsftp-c"
+_ROUTER_TO_SERVER = "qsftp-s"
+# VethLink: the Ethernet header tc counts on a veth device, the least a tbf bucket holds (in
+# full-size frames), the default queue, and how often wait_drained() asks tc.
+_ETHERNET_HEADER = 14
+_TBF_MIN_BURST_PACKETS = 4
+DEFAULT_TBF_QUEUE_MS = 50.0
+_DRAIN_POLL = 0.02
 # IPv6's minimum MTU: QUIC needs 1200 + 48 bytes of headers to pass unfragmented.
 _MIN_MTU = 1280
 _MAX_MTU = 65535
@@ -134,6 +158,7 @@ _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 
 _counter = itertools.count()
+_T = TypeVar("_T")
 
 
 # --- availability ---------------------------------------------------------------------------
@@ -248,19 +273,16 @@ def cleanup_stale() -> list[str]:
     return stale
 
 
-def _open_tun(namespace: str, name: str) -> int:
-    """A non-blocking descriptor of a new TUN device ``name`` created inside ``namespace``.
+def _in_namespace(namespace: str, action: Callable[[], _T], what: str) -> _T:
+    """``action()`` run by a thread inside network namespace ``namespace``.
 
-    setns() moves only the calling thread, so a short-lived thread enters the namespace,
-    creates the device (it belongs to the namespace its creator was in) and exits; the
-    descriptor works from any thread afterwards. IPv6 is switched off on the device so the
-    kernel's router solicitations and MLD reports do not cross the link.
+    setns() moves only the calling thread, so a short-lived thread enters the namespace, acts
+    and exits; /proc/sys/net, sockets and devices it creates are the namespace's. Failures
+    become :class:`~qsftp.errors.PacketLinkUnavailable` saying ``what`` failed.
     """
-    import fcntl  # noqa: PLC0415 - POSIX only: importing this module must work everywhere
-
     outcome: dict[str, Any] = {}
 
-    def create() -> None:
+    def enter_and_act() -> None:
         try:
             ns_fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -269,30 +291,46 @@ def _open_tun(namespace: str, name: str) -> int:
                     raise OSError(errno, f"setns into {namespace}: {os.strerror(errno)}")
             finally:
                 os.close(ns_fd)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                request = struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI)
-                fcntl.ioctl(fd, _TUNSETIFF, request)
-                # /proc/sys/net is the calling thread's namespace's.
-                with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as knob:
-                    knob.write("1")
-            except BaseException:
-                os.close(fd)
-                raise
-            outcome["fd"] = fd
+            outcome["result"] = action()
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=create, name=f"qsftp-tun-{namespace}")
+    thread = threading.Thread(target=enter_and_act, name=f"qsftp-netns-{namespace}")
     thread.start()
     thread.join()
     if "error" in outcome:
         error = outcome["error"]
-        raise PacketLinkUnavailable(
-            f"cannot create a TUN device in {namespace}: {error}"
-        ) from error
-    fd: int = outcome["fd"]
-    return fd
+        raise PacketLinkUnavailable(f"cannot {what} in {namespace}: {error}") from error
+    result: _T = outcome["result"]
+    return result
+
+
+def _disable_ipv6(device: str) -> None:
+    """Switch IPv6 off on ``device`` (or on devices created later, for "default"), so the
+    kernel's router solicitations and MLD reports do not cross the link. Run it inside the
+    namespace: /proc/sys/net is the calling thread's namespace's."""
+    with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as knob:
+        knob.write("1")
+
+
+def _open_tun(namespace: str, name: str) -> int:
+    """A non-blocking descriptor of a new TUN device ``name`` created inside ``namespace``
+    (a device belongs to the namespace its creator is in; the descriptor then works from
+    any thread), with IPv6 off."""
+    import fcntl  # noqa: PLC0415 - POSIX only: importing this module must work everywhere
+
+    def create() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            request = struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI)
+            fcntl.ioctl(fd, _TUNSETIFF, request)
+            _disable_ipv6(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    return _in_namespace(namespace, create, "create a TUN device")
 
 
 def _release(namespaces: list[str], fds: dict[str, int]) -> None:
@@ -304,49 +342,23 @@ def _release(namespaces: list[str], fds: dict[str, int]) -> None:
     _delete_namespaces(namespaces)
 
 
-# --- the link -------------------------------------------------------------------------------
+# --- two hosts ------------------------------------------------------------------------------
 
 _SIDES = ("server", "client")
 
 
-class PacketLink:
-    """Two network namespaces joined by an emulated link that impairs every IP packet.
+class _Hosts:
+    """Two network namespaces, a server's and a client's, joined somehow (the subclass's
+    ``_connect``), and the processes this object started in them."""
 
-    The profile vocabulary is :class:`qsftp.netem.LinkEmulator`'s: keyword fields of a
-    :class:`~qsftp.netem.LinkProfile` (both directions), ``profile=``, or ``uplink=`` (client →
-    server) / ``downlink=`` (server → client). Counters and rates count whole IP packets
-    (headers included). ``mtu`` is both TUN devices' MTU. Use ``async with`` (or
-    ``await start()`` / ``await close()``); then run commands in ``server_ns`` / ``client_ns``
-    with :meth:`spawn`, :meth:`run` or :meth:`command`; the server listens on ``server_addr``.
-    Starting raises :class:`~qsftp.errors.PacketLinkUnavailable` where it cannot work.
-    """
+    link_mode = ""
+    "What the ``link_mode`` column of a row through this link says."
 
-    def __init__(
-        self,
-        profile: LinkProfile | None = None,
-        *,
-        uplink: LinkProfile | None = None,
-        downlink: LinkProfile | None = None,
-        seed: int = 1,
-        mtu: int = DEFAULT_MTU,
-        **shorthand: Any,
-    ) -> None:
-        if shorthand and profile is not None:
-            raise UsageError("give either profile= or profile fields as keywords, not both")
-        if shorthand:
-            try:
-                profile = LinkProfile(**shorthand)
-            except TypeError:
-                known = {f.name for f in dataclasses.fields(LinkProfile)}
-                unknown = ", ".join(sorted(set(shorthand) - known))
-                raise UsageError(f"not a LinkProfile field: {unknown}") from None
+    def __init__(self, *, mtu: int) -> None:
         if not (isinstance(mtu, int) and _MIN_MTU <= mtu <= _MAX_MTU):
             raise UsageError(f"mtu must be an integer from {_MIN_MTU} to {_MAX_MTU}, not {mtu!r}")
-        base = profile if profile is not None else LinkProfile()
-        self.seed = seed
-        "The seed of every random choice; the same seed gives the same fates."
         self.mtu = mtu
-        "MTU of both TUN devices, bytes."
+        "MTU of both ends, bytes."
         stem = f"{NETNS_PREFIX}{os.getpid()}-{next(_counter)}"
         self.server_ns = f"{stem}-srv"
         "Name of the server's network namespace (``ip netns exec <name> ...``)."
@@ -356,24 +368,21 @@ class PacketLink:
         "The server side's IPv4 address (inside ``server_ns``)."
         self.client_addr = CLIENT_ADDR
         "The client side's IPv4 address (inside ``client_ns``)."
-        self._up = LinkModel(uplink if uplink is not None else base, seed=seed, name="uplink")
-        self._down = LinkModel(
-            downlink if downlink is not None else base, seed=seed, name="downlink"
-        )
         self._namespaces: list[str] = []
         self._fds: dict[str, int] = {}
         # Runs once: at close(), or when this object is collected, or at interpreter exit.
         self._release = weakref.finalize(self, _release, self._namespaces, self._fds)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pumps: list[_Pump] = []
         self._processes: list[asyncio.subprocess.Process] = []
-        self._host_dropped = [0, 0]  # writes into a TUN device that failed: up, down
-        self._drained: list[asyncio.Future[None]] = []
         self._started = self._closed = False
 
     def __repr__(self) -> str:
         state = "running" if self._started and not self._closed else "not running"
-        return f"<PacketLink {self.client_ns} ⇄ {self.server_ns} {state}: {self.label()}>"
+        name = type(self).__name__
+        return f"<{name} {self.client_ns} ⇄ {self.server_ns} {state}: {self.label()}>"
+
+    def label(self) -> str:
+        raise NotImplementedError
 
     @staticmethod
     def available() -> bool:
@@ -385,66 +394,12 @@ class PacketLink:
         """Why packet-level mode cannot run here, or None."""
         return unavailable_reason()
 
-    # --- configuration --------------------------------------------------------------------
-
-    @property
-    def uplink(self) -> LinkProfile:
-        """The client → server profile (assignable; applies to packets from then on)."""
-        return self._up.profile
-
-    @uplink.setter
-    def uplink(self, profile: LinkProfile) -> None:
-        self._up.profile = profile
-
-    @property
-    def downlink(self) -> LinkProfile:
-        """The server → client profile (assignable; applies to packets from then on)."""
-        return self._down.profile
-
-    @downlink.setter
-    def downlink(self, profile: LinkProfile) -> None:
-        self._down.profile = profile
-
-    def label(self) -> str:
-        """The profile's label, or ``up: …; down: …`` when the directions differ."""
-        if self.uplink == self.downlink:
-            return self.uplink.label()
-        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
-
-    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """Both profiles as flat columns (as :meth:`qsftp.netem.LinkEmulator.as_dict`)."""
-        return {
-            **self.uplink.as_dict(prefix + "up_"),
-            **self.downlink.as_dict(prefix + "down_"),
-            prefix + "seed": self.seed,
-        }
-
-    # --- counters ---------------------------------------------------------------------------
-
-    def stats(self) -> LinkStats:
-        """A snapshot of both directions' counters (``clients`` is 1: one client host)."""
-        return LinkStats(
-            uplink=self._up.stats(host_dropped=self._host_dropped[0]),
-            downlink=self._down.stats(host_dropped=self._host_dropped[1]),
-            clients=1,
-        )
-
-    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
-        return self.stats().as_dict(prefix)
-
-    def reset_stats(self) -> None:
-        """Zero the counters; packets in flight stay in flight."""
-        self._up.reset_counters()
-        self._down.reset_counters()
-        self._host_dropped = [0, 0]
-
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the namespaces and TUN devices and start bridging (~0.2 s, blocking)."""
+        """Create the namespaces and join them (~0.05 s of `ip` commands, blocking)."""
         if self._started:
-            raise UsageError("this PacketLink was already started")
+            raise UsageError(f"this {type(self).__name__} was already started")
         reason = unavailable_reason()
         if reason is not None:
             raise PacketLinkUnavailable(reason)
@@ -455,31 +410,23 @@ class PacketLink:
             for name in (self.server_ns, self.client_ns):
                 _ip("netns", "add", name)
                 self._namespaces.append(name)
-            for side, name, address in (
-                ("server", self.server_ns, self.server_addr),
-                ("client", self.client_ns, self.client_addr),
-            ):
-                self._fds[side] = _open_tun(name, _TUN_NAME)
-                script = (
-                    f"link set lo up\n"
-                    f"addr add {address}/{_PREFIX_LEN} dev {_TUN_NAME}\n"
-                    f"link set {_TUN_NAME} mtu {self.mtu} txqueuelen {_TXQUEUELEN} up\n"
-                )
-                _ip("-n", name, "-batch", "-", stdin=script)
-            server_fd, client_fd = self._fds["server"], self._fds["client"]
-            self._pumps = [
-                _Pump(loop, self._up, self._writer(server_fd, 0), self._wake_drained),
-                _Pump(loop, self._down, self._writer(client_fd, 1), self._wake_drained),
-            ]
-            loop.add_reader(client_fd, self._read, client_fd, self._up)
-            loop.add_reader(server_fd, self._read, server_fd, self._down)
+            self._connect(loop)
         except BaseException:
             self._teardown()
             raise
-        logger.info("packet link %s ⇄ %s: %s", self.client_ns, self.server_ns, self.label())
+        logger.info(
+            "%s %s ⇄ %s: %s", type(self).__name__, self.client_ns, self.server_ns, self.label()
+        )
+
+    def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Join the two (existing, empty) namespaces."""
+        raise NotImplementedError
+
+    def _disconnect(self) -> None:
+        """Stop whatever ``_connect`` started in this process (the namespaces go after)."""
 
     async def close(self) -> None:
-        """Stop what runs in the namespaces, stop bridging, delete the namespaces."""
+        """Stop what runs in the namespaces, disconnect them, delete them."""
         if self._closed:
             return
         self._closed = True
@@ -500,31 +447,11 @@ class PacketLink:
     ) -> None:
         await self.close()
 
-    async def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until no packet is in flight in either direction (or the link is closed)."""
-        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drained.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                self._drained.remove(waiter)
-
     def _teardown(self) -> None:
         """Synchronous, so it completes even when the task is being cancelled."""
         self._closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            for fd in self._fds.values():
-                self._loop.remove_reader(fd)
-        for pump in self._pumps:
-            pump.cancel()
-        self._up.clear()
-        self._down.clear()
+        self._disconnect()
         self._release()
-        self._wake_drained()
 
     async def _stop_processes(self) -> None:
         running = [p for p in self._processes if p.returncode is None]
@@ -603,7 +530,150 @@ class PacketLink:
         assert process.returncode is not None
         return subprocess.CompletedProcess(list(argv), process.returncode, out, err)
 
-    # --- packets ----------------------------------------------------------------------------
+
+class PacketLink(_Hosts):
+    """Two network namespaces joined by an emulated link that impairs every IP packet.
+
+    The profile vocabulary is :class:`qsftp.netem.LinkEmulator`'s: keyword fields of a
+    :class:`~qsftp.netem.LinkProfile` (both directions), ``profile=``, or ``uplink=`` (client →
+    server) / ``downlink=`` (server → client). Counters and rates count whole IP packets
+    (headers included). ``mtu`` is both TUN devices' MTU. Use ``async with`` (or
+    ``await start()`` / ``await close()``); then run commands in ``server_ns`` / ``client_ns``
+    with :meth:`spawn`, :meth:`run` or :meth:`command`; the server listens on ``server_addr``.
+    Starting raises :class:`~qsftp.errors.PacketLinkUnavailable` where it cannot work.
+    """
+
+    link_mode = "packet"
+
+    def __init__(
+        self,
+        profile: LinkProfile | None = None,
+        *,
+        uplink: LinkProfile | None = None,
+        downlink: LinkProfile | None = None,
+        seed: int = 1,
+        mtu: int = DEFAULT_MTU,
+        **shorthand: Any,
+    ) -> None:
+        if shorthand and profile is not None:
+            raise UsageError("give either profile= or profile fields as keywords, not both")
+        if shorthand:
+            try:
+                profile = LinkProfile(**shorthand)
+            except TypeError:
+                known = {f.name for f in dataclasses.fields(LinkProfile)}
+                unknown = ", ".join(sorted(set(shorthand) - known))
+                raise UsageError(f"not a LinkProfile field: {unknown}") from None
+        super().__init__(mtu=mtu)
+        base = profile if profile is not None else LinkProfile()
+        self.seed = seed
+        "The seed of every random choice; the same seed gives the same fates."
+        self._up = LinkModel(uplink if uplink is not None else base, seed=seed, name="uplink")
+        self._down = LinkModel(
+            downlink if downlink is not None else base, seed=seed, name="downlink"
+        )
+        self._pumps: list[_Pump] = []
+        self._host_dropped = [0, 0]  # writes into a TUN device that failed: up, down
+        self._drained: list[asyncio.Future[None]] = []
+
+    # --- configuration --------------------------------------------------------------------
+
+    @property
+    def uplink(self) -> LinkProfile:
+        """The client → server profile (assignable; applies to packets from then on)."""
+        return self._up.profile
+
+    @uplink.setter
+    def uplink(self, profile: LinkProfile) -> None:
+        self._up.profile = profile
+
+    @property
+    def downlink(self) -> LinkProfile:
+        """The server → client profile (assignable; applies to packets from then on)."""
+        return self._down.profile
+
+    @downlink.setter
+    def downlink(self, profile: LinkProfile) -> None:
+        self._down.profile = profile
+
+    def label(self) -> str:
+        """The profile's label, or ``up: …; down: …`` when the directions differ."""
+        if self.uplink == self.downlink:
+            return self.uplink.label()
+        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
+
+    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """Both profiles as flat columns (as :meth:`qsftp.netem.LinkEmulator.as_dict`)."""
+        return {
+            **self.uplink.as_dict(prefix + "up_"),
+            **self.downlink.as_dict(prefix + "down_"),
+            prefix + "seed": self.seed,
+        }
+
+    # --- counters ---------------------------------------------------------------------------
+
+    def stats(self) -> LinkStats:
+        """A snapshot of both directions' counters (``clients`` is 1: one client host)."""
+        return LinkStats(
+            uplink=self._up.stats(host_dropped=self._host_dropped[0]),
+            downlink=self._down.stats(host_dropped=self._host_dropped[1]),
+            clients=1,
+        )
+
+    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
+        return self.stats().as_dict(prefix)
+
+    def reset_stats(self) -> None:
+        """Zero the counters; packets in flight stay in flight."""
+        self._up.reset_counters()
+        self._down.reset_counters()
+        self._host_dropped = [0, 0]
+
+    # --- the bridge -------------------------------------------------------------------------
+
+    def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        for side, name, address in (
+            ("server", self.server_ns, self.server_addr),
+            ("client", self.client_ns, self.client_addr),
+        ):
+            self._fds[side] = _open_tun(name, _TUN_NAME)
+            script = (
+                f"link set lo up\n"
+                f"addr add {address}/{_PREFIX_LEN} dev {_TUN_NAME}\n"
+                f"link set {_TUN_NAME} mtu {self.mtu} txqueuelen {_TXQUEUELEN} up\n"
+            )
+            _ip("-n", name, "-batch", "-", stdin=script)
+        server_fd, client_fd = self._fds["server"], self._fds["client"]
+        self._pumps = [
+            _Pump(loop, self._up, self._writer(server_fd, 0), self._wake_drained),
+            _Pump(loop, self._down, self._writer(client_fd, 1), self._wake_drained),
+        ]
+        loop.add_reader(client_fd, self._read, client_fd, self._up)
+        loop.add_reader(server_fd, self._read, server_fd, self._down)
+
+    def _disconnect(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in self._fds.values():
+                self._loop.remove_reader(fd)
+        for pump in self._pumps:
+            pump.cancel()
+        self._up.clear()
+        self._down.clear()
+        self._wake_drained()
+
+    async def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until no packet is in flight in either direction (or the link is closed)."""
+        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drained.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._drained.remove(waiter)
 
     def _read(self, fd: int, model: LinkModel) -> None:
         read, submit, clock = os.read, model.submit, time.monotonic
@@ -638,6 +708,245 @@ class PacketLink:
             for waiter in self._drained:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+class VethLink(_Hosts):
+    """The rate-only variant: a veth pair between the two namespaces, ``tc tbf`` on each end.
+
+    The kernel carries and queues the packets: no bridge in this process, so it costs no
+    Python CPU and holds its rate wherever the machine can carry it, but a token bucket
+    filter can only limit the rate (a byte-limited FIFO drained at ``rate``, tail drop): no
+    delay, loss, reordering, duplication or corruption. ``rate_mbps`` applies to both
+    directions, ``uplink_mbps`` (client → server) / ``downlink_mbps`` override one each
+    (None: no limit); the queue holds ``queue_ms`` of the rate. Rates and counters are in
+    bytes as tc sees them: IP packets plus the 14-byte Ethernet header. The namespaces,
+    addresses, commands and teardown are :class:`PacketLink`'s, so :func:`lab_server` and
+    :func:`lab_transfer` work with it too.
+    """
+
+    link_mode = "veth-tbf"
+
+    def __init__(
+        self,
+        rate_mbps: float | None = None,
+        *,
+        uplink_mbps: float | None = None,
+        downlink_mbps: float | None = None,
+        queue_ms: float = DEFAULT_TBF_QUEUE_MS,
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
+        super().__init__(mtu=mtu)
+        up = uplink_mbps if uplink_mbps is not None else rate_mbps
+        down = downlink_mbps if downlink_mbps is not None else rate_mbps
+        for name, value in (("rate_mbps", up), ("rate_mbps", down), ("queue_ms", queue_ms)):
+            if value is not None and not (
+                isinstance(value, int | float) and math.isfinite(value) and value > 0
+            ):
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
+        self.uplink_mbps = up
+        "Client → server rate limit, Mbit/s (None: none)."
+        self.downlink_mbps = down
+        "Server → client rate limit, Mbit/s (None: none)."
+        self.queue_ms = queue_ms
+        "Each tbf queue holds this many milliseconds of its rate, in bytes."
+        self.router_ns = self.server_ns[: -len("srv")] + "rtr"
+        "Name of the router's namespace, between the two, where the tbf queues are."
+        self.server_addr = VETH_SERVER_ADDR
+        self.client_addr = VETH_CLIENT_ADDR
+        self._baseline = (_TbfCounters(), _TbfCounters())
+
+    def label(self) -> str:
+        """``tbf 20 Mbit/s``, or ``tbf up 5 Mbit/s, down 50 Mbit/s``."""
+
+        def rate(value: float | None) -> str:
+            return f"{value:g} Mbit/s" if value is not None else "unlimited"
+
+        if self.uplink_mbps == self.downlink_mbps:
+            return f"tbf {rate(self.uplink_mbps)}"
+        return f"tbf up {rate(self.uplink_mbps)}, down {rate(self.downlink_mbps)}"
+
+    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """The settings as columns: ``link_up_rate_mbps``, ``link_up_queue_bytes``, ..."""
+        record: dict[str, Any] = {}
+        for direction, rate in (("up", self.uplink_mbps), ("down", self.downlink_mbps)):
+            record[f"{prefix}{direction}_rate_mbps"] = rate
+            record[f"{prefix}{direction}_queue_bytes"] = (
+                self._tbf(rate)[1] if rate is not None else None
+            )
+        return record
+
+    def _tbf(self, rate_mbps: float) -> tuple[int, int]:
+        """(burst, limit) in bytes for a rate: the bucket holds 1 ms of the rate but at least
+        _TBF_MIN_BURST_PACKETS full packets (tbf needs room for one; a little more lets a
+        packet train through at line rate, as a switch port would); the queue ``queue_ms``."""
+        per_second = rate_mbps * 1e6 / 8
+        frame = self.mtu + _ETHERNET_HEADER
+        burst = max(_TBF_MIN_BURST_PACKETS * frame, int(per_second / 1000))
+        limit = max(2 * frame, int(per_second * self.queue_ms / 1000))
+        return burst, limit
+
+    def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        router = self.router_ns
+        _ip("netns", "add", router)
+        self._namespaces.append(router)
+        for name in (self.server_ns, self.client_ns, router):
+            _in_namespace(name, lambda: _disable_ipv6("default"), "switch IPv6 off")
+        _in_namespace(router, _enable_forwarding, "switch IPv4 forwarding on")
+        # Every end is created inside its namespace: nothing appears in this one.
+        for host, router_end in (
+            (self.client_ns, _ROUTER_TO_CLIENT),
+            (self.server_ns, _ROUTER_TO_SERVER),
+        ):
+            _ip(
+                "link",
+                "add",
+                _TUN_NAME,
+                "netns",
+                host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                router_end,
+                "netns",
+                router,
+            )
+        for name, script in (
+            (self.client_ns, _host_script(self.client_addr, _CLIENT_GATEWAY, self.mtu)),
+            (self.server_ns, _host_script(self.server_addr, _SERVER_GATEWAY, self.mtu)),
+            (
+                router,
+                "link set lo up\n"
+                f"addr add {_CLIENT_GATEWAY}/{_PREFIX_LEN} dev {_ROUTER_TO_CLIENT}\n"
+                f"addr add {_SERVER_GATEWAY}/{_PREFIX_LEN} dev {_ROUTER_TO_SERVER}\n"
+                f"link set {_ROUTER_TO_CLIENT} mtu {self.mtu} up\n"
+                f"link set {_ROUTER_TO_SERVER} mtu {self.mtu} up\n",
+            ),
+        ):
+            _ip("-n", name, "-batch", "-", stdin=script)
+        # The bottleneck of each direction is the router's way out towards the receiver.
+        for device, rate in (
+            (_ROUTER_TO_SERVER, self.uplink_mbps),
+            (_ROUTER_TO_CLIENT, self.downlink_mbps),
+        ):
+            if rate is not None:
+                burst, limit = self._tbf(rate)
+                _tc(
+                    "-n",
+                    router,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    device,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{round(rate * 1e6)}bit",
+                    "burst",
+                    str(burst),
+                    "limit",
+                    str(limit),
+                )
+
+    # --- counters ---------------------------------------------------------------------------
+
+    def _counters(self) -> tuple[_TbfCounters, _TbfCounters]:
+        """(uplink, downlink): the router's interface and root qdisc counters on its way out
+        towards the server, and towards the client."""
+        return (
+            _tbf_counters(self.router_ns, _ROUTER_TO_SERVER),
+            _tbf_counters(self.router_ns, _ROUTER_TO_CLIENT),
+        )
+
+    def stats(self) -> LinkStats:
+        """Counters since start or :meth:`reset_stats` (tc's, so bytes include Ethernet
+        headers): ``forwarded`` is what left the sending end, ``queue_dropped`` what tbf
+        dropped, ``pending`` what it still queues."""
+        directions = []
+        for now, then in zip(self._counters(), self._baseline, strict=True):
+            forwarded = now.tx_packets - then.tx_packets
+            dropped = now.drops - then.drops
+            directions.append(
+                DirectionStats(
+                    received_packets=forwarded + dropped + now.qlen,
+                    forwarded_packets=forwarded,
+                    forwarded_bytes=now.tx_bytes - then.tx_bytes,
+                    queue_dropped_packets=dropped,
+                    pending_packets=now.qlen,
+                )
+            )
+        return LinkStats(uplink=directions[0], downlink=directions[1], clients=1)
+
+    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """:meth:`stats` flattened for a row (``link_up_forwarded_packets``, ...)."""
+        return self.stats().as_dict(prefix)
+
+    def reset_stats(self) -> None:
+        """Count from now on."""
+        self._baseline = self._counters()
+
+    async def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until both tbf queues are empty."""
+        async with asyncio.timeout(timeout):
+            # The queue lives in the kernel: nothing to wait on but tc's answer.
+            while any(c.qlen for c in self._counters()):  # noqa: ASYNC110
+                await asyncio.sleep(_DRAIN_POLL)
+
+
+@dataclass(frozen=True, slots=True)
+class _TbfCounters:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: int = 0
+    qlen: int = 0
+
+
+def _tc(*args: str) -> None:
+    try:
+        result = subprocess.run(
+            ["tc", *args], capture_output=True, text=True, timeout=_IP_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PacketLinkUnavailable(f"`tc {' '.join(args)}` failed: {exc}") from exc
+    if result.returncode != 0:
+        raise PacketLinkUnavailable(f"`tc {' '.join(args)}` failed: {result.stderr.strip()}")
+
+
+def _enable_forwarding() -> None:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as knob:
+        knob.write("1")
+
+
+def _host_script(address: str, gateway: str, mtu: int) -> str:
+    """`ip -batch` lines for an end host of a VethLink: its address and a default route."""
+    return (
+        "link set lo up\n"
+        f"addr add {address}/{_PREFIX_LEN} dev {_TUN_NAME}\n"
+        f"link set {_TUN_NAME} mtu {mtu} up\n"
+        f"route add default via {gateway}\n"
+    )
+
+
+def _tbf_counters(namespace: str, device: str) -> _TbfCounters:
+    link = json.loads(_ip("-n", namespace, "-s", "-j", "link", "show", "dev", device).stdout)
+    tx = link[0]["stats64"]["tx"]
+    try:
+        qdiscs = subprocess.run(
+            ["tc", "-n", namespace, "-s", "-j", "qdisc", "show", "dev", device],
+            capture_output=True,
+            text=True,
+            timeout=_IP_TIMEOUT,
+            check=True,
+        )
+        root = next(q for q in json.loads(qdiscs.stdout) if q.get("root"))
+    except (OSError, subprocess.SubprocessError, ValueError, StopIteration):
+        root = {}
+    return _TbfCounters(
+        tx_packets=int(tx["packets"]),
+        tx_bytes=int(tx["bytes"]),
+        drops=int(root.get("drops", 0)),
+        qlen=int(root.get("qlen", 0)),
+    )
 
 
 # --- the real CLIs in the lab ---------------------------------------------------------------
@@ -676,7 +985,7 @@ _READY_RE = re.compile(r"ready on (\S+):(\d+),.*sha256:([0-9a-f]{64})")
 
 @contextlib.asynccontextmanager
 async def lab_server(
-    link: PacketLink,
+    link: PacketLink | VethLink,
     root: str | os.PathLike[str],
     *,
     transport: str = "quic",
@@ -765,7 +1074,7 @@ def _last_error(stderr: bytes) -> str:
 
 
 async def lab_transfer(
-    link: PacketLink,
+    link: PacketLink | VethLink,
     local: str | os.PathLike[str],
     *,
     server: LabServer | None = None,
@@ -825,7 +1134,7 @@ async def lab_transfer(
         argv += ["--max-datagram-size", str(max_datagram_size)]
     row: dict[str, Any] = {
         "timestamp": _now_iso(),
-        "link_mode": "packet",
+        "link_mode": link.link_mode,
         "transport": server.transport,
         "direction": direction,
         "name": name,

@@ -24,7 +24,7 @@ from qsftp import packetlink
 from qsftp.errors import PacketLinkUnavailable, UsageError
 from qsftp.experiment import LINK_COLUMNS, measured, sweep
 from qsftp.netem import LinkProfile
-from qsftp.packetlink import PacketLink, lab_server, lab_transfer
+from qsftp.packetlink import PacketLink, VethLink, lab_server, lab_transfer
 
 TIMEOUT = 60
 REASON = packetlink.unavailable_reason()
@@ -349,6 +349,55 @@ def test_packet_mode_refuses_an_external_target() -> None:
                 progress=False,
             )
         )
+
+
+# --- the rate-only variant: veth pairs through a router namespace, tc tbf ------------------------
+
+
+@pytest.mark.usefixtures("needs_packet_link")
+def test_veth_tbf_delivers_its_rate_within_ten_percent_and_tail_drops() -> None:
+    rate, size = 20.0, 1200
+    frame = size + 28 + 14  # tc counts the Ethernet header too
+    pps = 1.5 * rate * 1e6 / 8 / frame
+    count = int(pps * 1.5)
+
+    async def body() -> tuple[dict[str, Any], Any]:
+        async with VethLink(uplink_mbps=rate) as link:
+            sink, port = await start_program(link, "server", SINK, link.server_addr, "0.5")
+            link.reset_stats()
+            blast = [sys.executable, "-c", BLAST, link.server_addr, str(port), str(size)]
+            await link.run("client", *blast, str(pps), str(count))
+            return await output_of(sink), link.stats().uplink
+
+    received, stats = run(body)
+    delivered = received["bytes_after_first"] * frame / size * 8 / received["seconds"] / 1e6
+    assert delivered == pytest.approx(rate, rel=0.1)
+    # The queue is in the router, not the sender's host: the sender is not slowed down by
+    # its own socket buffer, so the excess is dropped there.
+    assert stats.queue_dropped_packets > 0
+    # veth is Ethernet: the router's ARP request (and a late one) are counted as well.
+    assert received["count"] <= stats.forwarded_packets <= received["count"] + 2
+
+
+@pytest.mark.usefixtures("needs_packet_link")
+def test_a_qsftp_upload_through_veth_tbf_ends_verified_and_all_three_namespaces_go(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(300_000))
+    made: list[str] = []
+
+    async def body() -> dict[str, Any]:
+        async with VethLink(20) as link:
+            made.extend([link.server_ns, link.client_ns, link.router_ns])
+            assert set(made) <= namespaces()
+            return await lab_transfer(link, source)
+
+    row = run(body)
+    assert row["error"] == "" and row["verified"], row["error"]
+    assert row["link_mode"] == "veth-tbf" and row["link"] == "tbf 20 Mbit/s"
+    assert row["link_up_forwarded_bytes"] > 300_000
+    assert not set(made) & namespaces()
 
 
 # --- teardown -----------------------------------------------------------------------------------
