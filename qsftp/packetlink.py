@@ -102,7 +102,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Namespaces are named NETNS_PREFIX + "<pid>-<n>-srv|cli": the PID says whose they are, so a
+# Namespaces are named NETNS_PREFIX + "<pid>-<n>-srv|cli|rtr": the PID says whose they are, so a
 # later run can delete those of a process that died without cleaning up.
 NETNS_PREFIX = "qsftp-"
 _STALE_RE = re.compile(rf"^{re.escape(NETNS_PREFIX)}(\d+)-\d+-(?:srv|cli|rtr)$")
