@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         save_figure,
     )
     from .server import Limits, QsftpServer, serve
+    from .tickets import Ticket, TicketCache
 
 __all__ = [
     "AuthFailed",
@@ -78,6 +79,8 @@ __all__ = [
     "QsftpError",
     "QsftpServer",
     "RemoteProtocolError",
+    "Ticket",
+    "TicketCache",
     "TooLarge",
     "TransferResult",
     "TransportError",
@@ -139,6 +142,8 @@ _EXPORTS: dict[str, str] = {
     "LinkStats": "netem",
     "PacketLink": "packetlink",
     "serve": "server",
+    "Ticket": "tickets",
+    "TicketCache": "tickets",
     "load_results": "experiment",
     "save_results": "experiment",
     "summarize": "experiment",

@@ -79,6 +79,7 @@ from .session import (
     send_body,
     transmit_batch,
 )
+from .tickets import Ticket, TicketCache, TicketSink, cafile_digest, check_resumed, policy_refusal
 from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, UPLOAD_ID_LEN, EntryKind
 
@@ -104,7 +105,7 @@ CONNECT_TIMEOUT = 10.0
 _TERMINATE_TIMEOUT = 1.0
 # Operations run at once by the CLI and the tree helpers over one connection.
 PARALLEL_TRANSFERS = 64  # below aioquic's 128 concurrent streams per connection
-# Reconnection after a lost connection (resumable uploads): first wait, doubling up to the cap.
+# Reconnection after a lost connection (resumable transfers): first wait, doubling up to the cap.
 RETRY_BACKOFF_FIRST = 0.5
 RETRY_BACKOFF_MAX = 8.0
 # Attempts the CLI makes with --resume before it gives up on a file.
@@ -164,7 +165,8 @@ class TransferResult:
     "This side's qlog file of the connection used (the first, if striped), written when it "
     "closes; None: no qlog."
     resumed_bytes: int = 0
-    "Bytes the server already held from an earlier attempt (resume=True), not sent again."
+    "Bytes kept from an earlier attempt (resume=True) and not sent again: held by the server "
+    "(upload) or by the local partial file (download)."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -236,8 +238,14 @@ class Connection:
         session_ms: float,
         server: str,
         configuration: QuicConfiguration,
+        session_resumed: bool = False,
+        ticket_sink: TicketSink | None = None,
     ) -> None:
         self._protocol = protocol
+        self._ticket_sink = ticket_sink
+        self.session_resumed = session_resumed
+        "True when the TLS handshake resumed an earlier session with a ticket (no certificate)."
+
         self.host = host
         self.port = port
         self.trust = trust_decision
@@ -256,6 +264,18 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.host}:{self.port} server={self.server!r}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the QUIC connection has ended (closed by either side, or timed out)."""
+        return self._protocol.terminated is not None
+
+    @property
+    def session_ticket(self) -> Ticket | None:
+        """The newest session ticket the (trusted) server sent on this connection, for
+        ``connect(..., session_ticket=...)``; None before it arrives (usually it has by the
+        time :func:`connect` returns) or on an ``insecure`` connection."""
+        return self._ticket_sink.latest if self._ticket_sink is not None else None
 
     def stats(self) -> QuicStats:
         """Transport figures of this connection so far."""
@@ -529,14 +549,24 @@ class Connection:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         progress: Callable[[int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
+        resume: bool = False,
     ) -> TransferResult:
         """Download one file to ``dest`` (a file path, or an existing directory; default: the
-        current directory). Nothing appears under the final name unless the SHA-256 matches."""
+        current directory). Nothing appears under the final name unless the SHA-256 matches.
+
+        With ``resume`` the download is resumable: the bytes go to a hidden partial file next
+        to the destination (``.<name>.qsftp-part``) that outlives a failed attempt, and a later
+        ``resume=True`` download to the same destination asks only for the rest — after the
+        server has checked that the partial file is a prefix of its file; otherwise it sends
+        the whole file again. The SHA-256 checked at the end covers the whole file.
+        """
         _check_chunk_size(chunk_size)
         name = fs.normalize_name(remote_name)
         target = Path(dest) if dest is not None else Path(name.rsplit("/", 1)[-1])
         if target.is_dir():
             target = target / name.rsplit("/", 1)[-1]
+        if resume:
+            return await self._download_resumable(name, target, chunk_size, progress, on_start)
         protocol = self._protocol
         async with self._operation() as channel:
             started_at = _now_iso()
@@ -577,6 +607,69 @@ class Connection:
                 chunk_size=chunk_size,
                 server_cpu_us=event.server_cpu_us,
             )
+
+    async def _download_resumable(
+        self,
+        name: str,
+        target: Path,
+        chunk_size: int,
+        progress: Callable[[int], None] | None,
+        on_start: Callable[[int], None] | None,
+    ) -> TransferResult:
+        protocol = self._protocol
+        partial = await asyncio.to_thread(fs.PartialDownload, target)
+        try:
+            started_at = _now_iso()
+            stats_start, cpu_start = self.stats(), cpu_time()
+            started = time.perf_counter()
+            held_digest = await asyncio.to_thread(partial.prefix_sha256)
+            held = partial.size
+            async with self._operation() as channel:
+                protocol.qsftp.send_get_from(
+                    channel.stream_id, name, chunk_size=chunk_size, offset=held, sha256=held_digest
+                )
+                protocol.flush()
+                event = await channel.next_event()
+                if not isinstance(event, FileStarted):
+                    raise event_error(event)
+                size, mtime_ns, offset = event.size, event.mtime_ns, event.offset
+                if offset != held:
+                    logger.info(
+                        "%s: the partial download is not a prefix of it: starting over", name
+                    )
+                    await asyncio.to_thread(partial.restart)
+                if on_start is not None:
+                    on_start(size)
+                if progress is not None and offset:
+                    progress(offset)
+                event = await channel.next_event()
+                if isinstance(event, DataReceived):
+                    event = await receive_body(
+                        protocol, channel, partial.write, first=event.data, progress=progress
+                    )
+                if not isinstance(event, OperationDone):
+                    raise event_error(event)
+                digest = await asyncio.to_thread(
+                    partial.commit, size=size, expected_sha256=event.sha256.hex()
+                )
+        finally:
+            partial.close()  # kept, unless committed or found wrong
+        with contextlib.suppress(OSError):
+            os.utime(target, ns=(mtime_ns, mtime_ns))
+        return self._result(
+            op="download",
+            name=name,
+            local_path=target,
+            size=size,
+            started=started,
+            started_at=started_at,
+            cpu_start=cpu_start,
+            stats_start=stats_start,
+            sha256=digest,
+            chunk_size=chunk_size,
+            server_cpu_us=event.server_cpu_us,
+            resumed_bytes=offset,
+        )
 
     async def _entries(self, send: Callable[[int], None]) -> list[fs.Entry]:
         async with self._operation() as channel:
@@ -683,6 +776,31 @@ def client_configuration(
     return configuration
 
 
+def _ticket_to_offer(
+    ticket: Ticket | None,
+    host: str,
+    port: int,
+    *,
+    insecure: bool,
+    pin: str | None,
+    known_hosts: trust.KnownHosts,
+    cafile_sha256: str | None,
+) -> Ticket | None:
+    """``ticket`` if it may be offered to ``host:port`` under this trust policy, else None.
+    Never with ``insecure``: there is no policy to hold the stored identity to, and a ticket
+    is single-use, so spending it here would only cost a later verified connection its
+    resumption."""
+    if ticket is None or insecure:
+        return None
+    reason = policy_refusal(
+        ticket, host, port, pin=pin, known_hosts=known_hosts, cafile_sha256=cafile_sha256
+    )
+    if reason is not None:
+        logger.info("full handshake with %s:%d: %s", host, port, reason)
+        return None
+    return ticket
+
+
 def _handshake_error(protocol: _ClientProtocol, host: str, port: int, cafile: Any) -> QsftpError:
     where = f"{host}:{port}"
     error = protocol.transport_error
@@ -717,6 +835,8 @@ async def connect(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
+    session_ticket: Ticket | None = None,
+    tickets: TicketCache | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
 
@@ -726,6 +846,12 @@ async def connect(
 
     ``qlog_dir`` (created if missing) receives this side's qlog trace of the connection,
     ``<ODCID>.qlog``, written when the connection closes (``Connection.qlog_path``).
+
+    Session resumption (:mod:`qsftp.tickets`): ``session_ticket`` (a ``Connection.
+    session_ticket`` of an earlier connection) or ``tickets`` (a :class:`TicketCache`, which
+    also keeps the tickets this connection receives) offer a ticket in the handshake, but only
+    when the server identity stored with it satisfies this connection's pin / CA file / known
+    hosts; ``Connection.session_resumed`` says whether the server accepted it.
     """
     if insecure and (pin or cafile):
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
@@ -745,7 +871,23 @@ async def connect(
         receive_window=receive_window,
         qlog_dir=qlog_dir,
     )
-    quic = QuicConnection(configuration=configuration)
+    known = trust.KnownHosts(Path(known_hosts) if known_hosts else None)
+    cafile_sha256 = cafile_digest(cafile) if cafile is not None else None
+    if session_ticket is None and tickets is not None:
+        session_ticket = tickets.get(host, port)
+    offered = _ticket_to_offer(
+        session_ticket,
+        host,
+        port,
+        insecure=insecure,
+        pin=pin,
+        known_hosts=known,
+        cafile_sha256=cafile_sha256,
+    )
+    if offered is not None:
+        configuration.session_ticket = offered.session_ticket
+    sink = TicketSink(host, port, tickets, cafile_sha256=cafile_sha256)
+    quic = QuicConnection(configuration=configuration, session_ticket_handler=sink.received)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -779,15 +921,23 @@ async def connect(
         except ConnectionError:
             raise _handshake_error(protocol, host, port, cafile) from None
         handshake_ms = (time.perf_counter() - started) * 1000.0
-        decision = trust.check_peer(
-            host,
-            port,
-            protocol.peer_certificate(),
-            pin=pin,
-            known_hosts=trust.KnownHosts(Path(known_hosts) if known_hosts else None),
-            insecure=insecure,
-            cafile_verified=cafile is not None,
-        )
+        # A resumed handshake has no certificate: the identity stored with the ticket stands in.
+        resumed = quic.tls.session_resumed
+        if resumed and offered is not None:
+            decision = check_resumed(
+                offered, host, port, pin=pin, known_hosts=known, cafile_sha256=cafile_sha256
+            )
+        else:
+            decision = trust.check_peer(
+                host,
+                port,
+                protocol.peer_certificate(),
+                pin=pin,
+                known_hosts=known,
+                insecure=insecure,
+                cafile_verified=cafile is not None,
+            )
+        sink.trusted(decision)
         if decision.message:
             logger.warning("%s", decision.message)
         started = time.perf_counter()
@@ -808,6 +958,8 @@ async def connect(
             session_ms=session_ms,
             server=accepted.server,
             configuration=configuration,
+            session_resumed=resumed,
+            ticket_sink=sink,
         )
         if protocol.terminated is None and protocol.qsftp.session_open:
             protocol.qsftp.terminate()
@@ -963,18 +1115,11 @@ async def upload(
     if connections > 1:
         async with connect_many(connections, host, port, **options) as conns:
             return await upload_striped(conns, path, remote_name, chunk_size=chunk_size)
-    attempt = 0
-    while True:
-        try:
-            async with connect(host, port, **options) as conn:
-                return await conn.upload(path, remote_name, chunk_size=chunk_size, resume=resume)
-        except TransportError as exc:
-            if not resume or attempt >= retries:
-                raise
-            delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2**attempt)
-            attempt += 1
-            logger.warning("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, retries)
-            await asyncio.sleep(delay)
+
+    async def attempt(conn: Connection) -> TransferResult:
+        return await conn.upload(path, remote_name, chunk_size=chunk_size, resume=resume)
+
+    return await _with_retries(attempt, host, port, retries if resume else 0, options)
 
 
 async def download(
@@ -984,11 +1129,47 @@ async def download(
     port: int = DEFAULT_PORT,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resume: bool = False,
+    retries: int = 0,
+    progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> TransferResult:
-    """Connect, download one file, verify, disconnect. ``options`` go to :func:`connect`."""
-    async with connect(host, port, **options) as conn:
-        return await conn.download(remote_name, dest, chunk_size=chunk_size)
+    """Connect, download one file, verify, disconnect. ``options`` go to :func:`connect`.
+
+    ``resume`` makes the download resumable (see :meth:`Connection.download`); with
+    ``retries`` > 0 a connection that fails or is lost is opened again, after 0.5, 1, 2, 4,
+    8 … s, and the download continues from what the local partial file holds.
+    """
+
+    async def attempt(conn: Connection) -> TransferResult:
+        return await conn.download(
+            remote_name, dest, chunk_size=chunk_size, progress=progress, resume=resume
+        )
+
+    return await _with_retries(attempt, host, port, retries if resume else 0, options)
+
+
+async def _with_retries(
+    attempt: Callable[[Connection], Coroutine[Any, Any, TransferResult]],
+    host: str,
+    port: int,
+    retries: int,
+    options: dict[str, Any],
+) -> TransferResult:
+    """Run ``attempt`` on a new connection; after a TransportError (a refused or lost
+    connection) try again on another, up to ``retries`` times, with doubling waits."""
+    tries = 0
+    while True:
+        try:
+            async with connect(host, port, **options) as conn:
+                return await attempt(conn)
+        except TransportError as exc:
+            if tries >= retries:
+                raise
+            delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_FIRST * 2**tries)
+            tries += 1
+            logger.warning("%s; retrying in %.1f s (%d/%d)", exc, delay, tries, retries)
+            await asyncio.sleep(delay)
 
 
 async def listdir(
@@ -1061,7 +1242,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="resumable uploads: continue an interrupted upload; reconnect if the link drops",
+        help="resumable transfers: continue an interrupted upload or download (--get); "
+        "reconnect if the link drops",
     )
     parser.add_argument(
         "--connections",
@@ -1205,7 +1387,7 @@ async def _cli_main(cli: _Cli) -> None:
                 _out(f"{entry.size:>14}  {when:%Y-%m-%d %H:%M}  {entry.name}{suffix}")
             return
         if args.get is not None:
-            await _cli_download(cli, conn, args.get, args.output)
+            await _cli_download(cli, conn, args.get, args.output, options)
             return
         plan = _upload_plan(args.files, args.remote_name)
 
@@ -1242,12 +1424,31 @@ async def _cli_main(cli: _Cli) -> None:
         await _run_transfers(cli, [job(path, name) for path, name in plan])
 
 
-async def _cli_download(cli: _Cli, conn: Connection, name: str, output: str | None) -> None:
+async def _cli_download(
+    cli: _Cli, conn: Connection, name: str, output: str | None, options: dict[str, Any]
+) -> None:
+    args = cli.args
     entry = await conn.stat(name)
     if entry.kind == "file":
         dest = Path(output) if output else None
         with cli.progress(name, entry.size) as update:
-            cli.report(await conn.download(name, dest, progress=update))
+            if args.resume:  # on a connection of its own, opened again if it is lost
+                result = await download(
+                    name,
+                    dest,
+                    args.host,
+                    args.port,
+                    chunk_size=args.chunk_size,
+                    resume=True,
+                    retries=RESUME_RETRIES,
+                    progress=update,
+                    **options,
+                )
+            else:
+                result = await conn.download(
+                    name, dest, chunk_size=args.chunk_size, progress=update
+                )
+            cli.report(result)
         return
     # A directory: every file below it, into DEST/<basename>/...; names from the server are
     # untrusted, so each is validated again before it becomes a local path.
@@ -1266,7 +1467,11 @@ async def _cli_download(cli: _Cli, conn: Connection, name: str, output: str | No
             async def go() -> None:
                 try:
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    cli.report(await conn.download(remote, local))
+                    cli.report(
+                        await conn.download(
+                            remote, local, chunk_size=args.chunk_size, resume=args.resume
+                        )
+                    )
                 except (OperationError, LocalFileError) as exc:
                     cli.fail(exc, remote)
 

@@ -9,6 +9,9 @@ afterwards. ``links=[None, LinkProfile(delay_ms=25, loss=0.01)]`` adds emulated 
 dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server, or with
 ``link_mode="packet"`` as a :class:`qsftp.packetlink.PacketLink` (Linux, root) between the
 real client and server CLIs in two network namespaces.
+``handshake=["fresh", "resumed", "reused"]`` makes how connections are set up a dimension, and
+``qlog_dir=`` keeps a qlog trace of every transfer's connection. :func:`handshakes` measures
+connection setup alone, full vs resumed, under emulated delay.
 docs/MEASUREMENT.md says exactly what every column measures.
 """
 
@@ -31,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,25 +45,30 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import __version__
-from .client import connect
+from .client import Connection, TransferResult, connect
 from .errors import PacketLinkUnavailable, QsftpError, TransportError, UsageError
 from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
 from .packetlink import LabServer, PacketLink, lab_server, lab_transfer, unavailable_reason
-from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
+from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, cpu_time, datagram_size_for
+from .tickets import TicketCache
 
 __all__ = [
     "COLUMNS",
+    "HANDSHAKE_COLUMNS",
+    "HANDSHAKE_MODES",
     "LINK_COLUMNS",
     "LINK_MODES",
     "SCHEMA_VERSION",
     "Target",
     "cache_dir",
     "collect_metadata",
+    "handshakes",
     "load_results",
     "main",
     "parse_size",
     "save_results",
     "summarize",
+    "summarize_handshakes",
     "sweep",
     "test_file",
 ]
@@ -113,12 +122,14 @@ COLUMNS = [
     "congestion_control",
     "receive_window_bytes",
     "connection",
+    "handshake",
     "repeat",
     "warmup",
     "seconds",
     "throughput_mbps",
     "handshake_ms",
     "session_ms",
+    "session_resumed",
     "verified",
     "sha256",
     "smoothed_rtt_ms",
@@ -127,8 +138,15 @@ COLUMNS = [
     "client_cpu_s",
     "server_cpu_s",
     "cpu_bound",
+    "qlog_path",
+    "server_qlog_path",
     "error",
 ]
+# How a sweep sets up the connection of each transfer (the ``handshake`` column):
+# "fresh": a new connection and a full handshake per transfer; "resumed": a new connection per
+# transfer that resumes the TLS session of the previous one with its session ticket;
+# "reused": one connection per configuration, opened once and used for all its transfers.
+HANDSHAKE_MODES = ("fresh", "resumed", "reused")
 
 # How a row's transfer met its link (the ``link_mode`` column): "none" for a direct
 # connection, "relay" through the UDP LinkEmulator, "packet" through a PacketLink.
@@ -146,6 +164,8 @@ _LINK_STATS_COLUMNS = list(
     LinkStats(uplink=DirectionStats(), downlink=DirectionStats(), clients=0).as_dict()
 )
 LINK_COLUMNS = ["link", "link_mode", *_LINK_PROFILE_COLUMNS, *_LINK_STATS_COLUMNS]
+# Text columns of COLUMNS (besides sha256 and error), kept as text when a CSV is read back.
+_TEXT_COLUMNS = ["handshake", "qlog_path", "server_qlog_path"]
 # Text columns among them, kept as text when a CSV is read back.
 _LINK_TEXT_COLUMNS = ["link", "link_mode", "link_up_loss_model", "link_down_loss_model"]
 
@@ -225,9 +245,10 @@ async def _embedded_server(
     max_datagram_size: int | None,
     congestion_control: str | None,
     receive_window: int | None = None,
+    qlog_dir: Path | None = None,
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
-    and PID, and ends it (by its PID) afterwards."""
+    and PID, and ends it (by its PID) afterwards. ``qlog_dir``: the server's qlog traces."""
     name = "-".join(
         str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
     )
@@ -251,6 +272,8 @@ async def _embedded_server(
         command += ["--congestion-control", congestion_control]
     if receive_window is not None:
         command += ["--receive-window", str(receive_window)]
+    if qlog_dir is not None:
+        command += ["--qlog-dir", str(qlog_dir)]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -388,6 +411,7 @@ class _Config:
     congestion_control: str | None
     receive_window: int | None = None
     link: _Link | None = None
+    handshake: str = "fresh"
 
     @property
     def server_key(self) -> tuple[int | None, str | None, int | None]:
@@ -416,10 +440,14 @@ def _row(
         congestion_control=config.congestion_control,
         receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
         connection=connection,
+        handshake=config.handshake,
         repeat=repeat,
         warmup=warmup,
+        session_resumed=False,
         verified=False,
         cpu_bound=False,
+        qlog_path="",
+        server_qlog_path="",
         error="",
     )
     return row
@@ -434,31 +462,44 @@ async def _measure(
     row: dict[str, Any],
     workdir: Path,
     software: set[str],
+    qlog_dir: Path | None = None,
+    tickets: TicketCache | None = None,
+    pool: _Pool | None = None,
 ) -> None:
-    """One transfer on a new connection; fills ``row`` (or its ``error``) and adds what the
-    server says it runs (e.g. "qsftp/0.1.0 (uvloop)") to ``software``."""
+    """One transfer; fills ``row`` (or its ``error``) and adds what the server says it runs
+    (e.g. "qsftp/0.1.0 (uvloop)") to ``software``. The connection is new (resuming a ticket
+    from ``tickets`` for "resumed"), or for "reused" the configuration's one in ``pool``."""
     # The settings in effect, also for a row that fails before a connection reports them,
     # so failed and successful transfers of one configuration group together.
     row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
     row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
-    options = dict(target.options)
-    if config.max_datagram_size is not None:
-        options["max_datagram_size"] = config.max_datagram_size
-    if config.congestion_control is not None:
-        options["congestion_control"] = config.congestion_control
-    if config.receive_window is not None:
-        options["receive_window"] = config.receive_window
+    options = _connect_options(target, config, qlog_dir=qlog_dir)
+    if config.handshake == "resumed":
+        options["tickets"] = tickets
+
+    async def transfer(conn: Connection) -> TransferResult:
+        software.add(conn.server)
+        if config.direction == "upload":
+            return await conn.upload(local, remote, chunk_size=config.chunk_size)
+        dest = workdir / f"download-{uuid.uuid4().hex[:8]}.bin"
+        try:
+            return await conn.download(remote, dest, chunk_size=config.chunk_size)
+        finally:
+            dest.unlink(missing_ok=True)
+
     try:
-        async with connect(target.host, target.port, **options) as conn:
-            software.add(conn.server)
-            if config.direction == "upload":
-                result = await conn.upload(local, remote, chunk_size=config.chunk_size)
-            else:
-                dest = workdir / f"download-{uuid.uuid4().hex[:8]}.bin"
-                try:
-                    result = await conn.download(remote, dest, chunk_size=config.chunk_size)
-                finally:
-                    dest.unlink(missing_ok=True)
+        if config.handshake == "reused" and pool is not None:
+            conn, opened = await pool.get(config, target, options)
+            row["connection"] = "new" if opened else "reused"
+            try:
+                result = await transfer(conn)
+            except QsftpError:
+                await pool.drop(config)  # the next transfer starts on a clean connection
+                raise
+        else:
+            async with connect(target.host, target.port, **options) as conn:
+                result = await transfer(conn)
+        row["session_resumed"] = conn.session_resumed
     except QsftpError as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
         logger.info("transfer failed: %s", row["error"])
@@ -470,6 +511,7 @@ async def _measure(
         throughput_mbps=result.size * 8 / seconds / 1e6 if seconds > 0 else float("nan"),
         handshake_ms=result.handshake_ms,
         session_ms=result.session_ms,
+        qlog_path=result.qlog_path or "",
         verified=result.verified,
         sha256=result.sha256,
         smoothed_rtt_ms=result.smoothed_rtt_ms,
@@ -506,6 +548,60 @@ async def _packet_lab(
         lab_server(packet_link, root, max_datagram_size=key[0])
     )
     return packet_link, server
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute against the working directory (no file-system access)."""
+    return Path(os.path.abspath(path))
+
+
+def _connect_options(
+    target: Target, config: _Config, *, qlog_dir: Path | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`connect` for one transfer of ``config``."""
+    options = dict(target.options)
+    if config.max_datagram_size is not None:
+        options["max_datagram_size"] = config.max_datagram_size
+    if config.congestion_control is not None:
+        options["congestion_control"] = config.congestion_control
+    if config.receive_window is not None:
+        options["receive_window"] = config.receive_window
+    if qlog_dir is not None:
+        options["qlog_dir"] = qlog_dir
+    return options
+
+
+class _Pool:
+    """The connections of handshake="reused": one per configuration, opened at its first
+    transfer and kept until :meth:`aclose` (or reopened when it died, e.g. idle timeout)."""
+
+    def __init__(self) -> None:
+        self._open: dict[_Config, tuple[contextlib.AsyncExitStack, Connection]] = {}
+
+    async def get(
+        self, config: _Config, target: Target, options: Mapping[str, Any]
+    ) -> tuple[Connection, bool]:
+        """The configuration's connection, and whether it was opened just now."""
+        entry = self._open.get(config)
+        if entry is not None and not entry[1].closed:
+            return entry[1], False
+        await self.drop(config)
+        stack = contextlib.AsyncExitStack()
+        conn = await stack.enter_async_context(connect(target.host, target.port, **options))
+        self._open[config] = (stack, conn)
+        return conn, True
+
+    async def drop(self, config: _Config) -> None:
+        """Close the configuration's connection, if open."""
+        entry = self._open.pop(config, None)
+        if entry is not None:
+            with contextlib.suppress(QsftpError):
+                await entry[0].aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for config in list(self._open):
+            await self.drop(config)
 
 
 async def _record_link(emulator: LinkEmulator, row: dict[str, Any]) -> None:
@@ -574,6 +670,8 @@ async def sweep(
     | tuple[LinkProfile, LinkProfile]
     | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
     | None = None,
+    handshake: str | Sequence[str] = "fresh",
+    qlog_dir: str | os.PathLike[str] | None = None,
     link_mode: str = "relay",
     warmup: bool = True,
     seed: int | None = None,
@@ -597,11 +695,24 @@ async def sweep(
     its counters for that transfer (:data:`LINK_COLUMNS`). Through a link the datagram size
     defaults to :data:`LINK_DATAGRAM_SIZE`.
 
+    ``handshake`` (one of :data:`HANDSHAKE_MODES`, or a list: a dimension) says how each
+    transfer's connection is set up: "fresh" (a new connection and full handshake each),
+    "resumed" (a new connection each, resuming the previous one's TLS session with its
+    session ticket; one unmeasured connection per server and link fetches the first ticket)
+    or "reused" (one connection per configuration for all its transfers; the ``connection``
+    column says "new" for the transfer that opened it, "reused" after).
+
+    ``qlog_dir`` (created) receives a qlog trace of every transfer's connection: the client's
+    in ``qlog_dir/client``, the embedded server's in ``qlog_dir/server``; the ``qlog_path`` and
+    ``server_qlog_path`` columns hold their absolute paths (:func:`qsftp.qlog.load` reads
+    them). Writing qlog costs CPU on both sides: measure throughput without it.
+
     ``link_mode="packet"`` (Linux, root) runs each link as a
     :class:`~qsftp.packetlink.PacketLink` instead: the server CLI in one network namespace,
     each transfer by the client CLI in another, every IP packet through the link. It needs
-    the embedded server (no ``target``) and takes no ``congestion_control`` or
-    ``receive_window`` (the client CLI has no such options). Rows say which mode produced
+    the embedded server (no ``target``), takes no ``congestion_control`` or
+    ``receive_window`` (the client CLI has no such options), and only ``handshake="fresh"``
+    without ``qlog_dir``. Rows say which mode produced
     them in ``link_mode``: "none" (direct), "relay" or "packet".
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
@@ -616,6 +727,10 @@ async def sweep(
     windows = _as_list(receive_window)
     with_links = links is not None
     link_list = _links(links)
+    modes = list(dict.fromkeys(_as_list(handshake)))
+    if not modes or any(mode not in HANDSHAKE_MODES for mode in modes):
+        raise UsageError(f"handshake must be one or more of {HANDSHAKE_MODES}, not {handshake!r}")
+    qlog_root = _absolute(qlog_dir) if qlog_dir is not None else None
     if link_mode not in ("relay", "packet"):
         raise UsageError(f"link_mode must be 'relay' or 'packet', not {link_mode!r}")
     packet = link_mode == "packet" and any(link is not None for link in link_list)
@@ -627,13 +742,25 @@ async def sweep(
                 "link_mode='packet' takes no congestion_control or receive_window "
                 "(the client CLI has no such options)"
             )
+        if modes != ["fresh"] or qlog_dir is not None:
+            raise UsageError(
+                "link_mode='packet' runs one client CLI per transfer: handshake='fresh' only, "
+                "and no qlog_dir"
+            )
         if (reason := unavailable_reason()) is not None:
             raise PacketLinkUnavailable(reason)
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
-        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k)
-        for d, s, c, m, a, w, k in itertools.product(
-            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows, link_list
+        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, h)
+        for d, s, c, m, a, w, k, h in itertools.product(
+            directions[direction],
+            byte_sizes,
+            chunks,
+            datagrams,
+            algorithms,
+            windows,
+            link_list,
+            modes,
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -644,7 +771,9 @@ async def sweep(
     local = {size: test_file(size, seed=file_seed, directory=files) for size in byte_sizes}
     rows: list[dict[str, Any]] = []
     software: set[str] = set()  # the server's self-description, from CONN_ACK
-    connection = "new"  # every transfer opens its own connection (handshake_ms is its own)
+    # Every transfer opens its own connection (handshake_ms is its own), except with
+    # handshake="reused", where _measure records "reused" after a configuration's first.
+    connection = "new"
 
     with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
         workdir = Path(tmp)
@@ -659,6 +788,7 @@ async def sweep(
                             max_datagram_size=key[0],
                             congestion_control=key[1],
                             receive_window=key[2],
+                            qlog_dir=qlog_root / "server" if qlog_root is not None else None,
                         )
                     )
                     servers[key] = server
@@ -699,6 +829,25 @@ async def sweep(
                     )
                 )
 
+            # Closed before the emulators and servers they talk to (the stack unwinds backwards).
+            pool = _Pool()
+            stack.push_async_callback(pool.aclose)
+            tickets = TicketCache()
+            client_qlog = qlog_root / "client" if qlog_root is not None else None
+
+            def address(config: _Config) -> Target:
+                """Where a transfer of ``config`` connects: the server or its link."""
+                server = servers[config.server_key]
+                if config.link is None:
+                    return server
+                emulator = emulators[config.server_key, config.link]
+                return Target(
+                    host=emulator.host,
+                    port=emulator.port,
+                    options=server.options,
+                    embedded=server.embedded,
+                )
+
             # Downloads need the file on the server: put it there first (not measured, and
             # direct: never through an emulated link).
             if "download" in directions[direction]:
@@ -718,6 +867,20 @@ async def sweep(
                         if setup["error"]:
                             raise TransportError(f"could not place test file: {setup['error']}")
 
+            # "resumed" transfers resume the previous connection's session: fetch a first
+            # ticket per server and link, so that the first measured one resumes too.
+            for config in dict.fromkeys(c for c in configs if c.handshake == "resumed"):
+                there = address(config)
+                if tickets.get(there.host, there.port) is None:
+                    with contextlib.suppress(QsftpError):
+                        async with connect(
+                            there.host,
+                            there.port,
+                            tickets=tickets,
+                            **_connect_options(there, config),
+                        ):
+                            pass
+
             bar = _progress_bar(len(order) + (1 if warmup else 0), enabled=progress)
             with bar:
                 plan = [(order[0][0], -1, True)] if warmup else []
@@ -735,32 +898,35 @@ async def sweep(
                         rows.append(row)
                         bar.update(1)
                         continue
-                    server = servers[config.server_key]
                     emulator = None
                     if config.link is not None:
                         emulator = emulators[config.server_key, config.link]
-                        server = Target(
-                            host=emulator.host,
-                            port=emulator.port,
-                            options=server.options,
-                            embedded=server.embedded,
-                        )
                         emulator.reset_stats()
                     name = remote_name(config.size)
                     await _measure(
-                        server,
+                        address(config),
                         config,
                         local=local[config.size],
                         remote=name,
                         row=row,
                         workdir=workdir,
                         software=software,
+                        qlog_dir=client_qlog,
+                        tickets=tickets,
+                        pool=pool,
                     )
                     if emulator is not None:
                         await _record_link(emulator, row)
                     rows.append(row)
                     bar.update(1)
 
+    if qlog_root is not None:
+        # The embedded server names its trace of a connection as the client does (by the
+        # original destination connection ID); it exists once the server has stopped.
+        for row in rows:
+            if row["qlog_path"]:
+                mirror = qlog_root / "server" / Path(row["qlog_path"]).name
+                row["server_qlog_path"] = str(mirror) if mirror.exists() else ""
     frame = pd.DataFrame(rows, columns=COLUMNS + LINK_COLUMNS if with_links else COLUMNS)
     frame.attrs.update(collect_metadata())
     if with_links:
@@ -785,10 +951,208 @@ async def sweep(
         repeats=repeats,
         warmup=warmup,
         target="embedded" if target is None else f"{servers[next(iter(servers))].host}",
-        connection=connection,
+        connection=connection if modes != ["reused"] else "per-configuration",
+        handshake=modes,
+        qlog_dir=str(qlog_root) if qlog_root is not None else None,
         server_software=", ".join(sorted(software)),
     )
     return frame
+
+
+# --- handshakes -----------------------------------------------------------------------------
+
+# Every column of a handshakes() frame, in order (docs/MEASUREMENT.md describes each).
+HANDSHAKE_COLUMNS = [
+    "run_id",
+    "timestamp",
+    "delay_ms",
+    "rtt_ms",
+    "mode",
+    "repeat",
+    "warmup",
+    "session_resumed",
+    "handshake_ms",
+    "session_ms",
+    "setup_ms",
+    "first_reply_ms",
+    "client_cpu_ms",
+    "packets_up",
+    "bytes_up",
+    "packets_down",
+    "bytes_down",
+    "error",
+]
+# What handshakes() compares: a full handshake (no ticket offered) and a resumed one.
+_SETUP_MODES = ("full", "resumed")
+
+
+async def _one_setup(
+    emulator: LinkEmulator,
+    target: Target,
+    *,
+    mode: str,
+    tickets: TicketCache,
+    max_datagram_size: int,
+    row: dict[str, Any],
+) -> None:
+    """Open one connection through ``emulator``, ask one STAT, close; fill ``row``."""
+    options = dict(target.options)
+    options["max_datagram_size"] = max_datagram_size
+    if mode == "resumed":
+        options["tickets"] = tickets
+    emulator.reset_stats()
+    row["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    try:
+        cpu_start = cpu_time()
+        started = time.perf_counter()
+        async with connect(emulator.host, emulator.port, **options) as conn:
+            setup = time.perf_counter() - started
+            cpu = cpu_time() - cpu_start
+            link = emulator.stats()
+            await conn.stat("")
+            first_reply = time.perf_counter() - started
+            row.update(
+                session_resumed=conn.session_resumed,
+                handshake_ms=conn.handshake_ms,
+                session_ms=conn.session_ms,
+            )
+    except QsftpError as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        logger.info("handshake failed: %s", row["error"])
+        return
+    row.update(
+        setup_ms=setup * 1000.0,
+        first_reply_ms=first_reply * 1000.0,
+        client_cpu_ms=cpu * 1000.0,
+        packets_up=link.uplink.received_packets,
+        bytes_up=link.uplink.received_bytes,
+        packets_down=link.downlink.received_packets,
+        bytes_down=link.downlink.received_bytes,
+    )
+    with contextlib.suppress(TimeoutError):  # let the close leave the link before the next
+        await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
+
+
+async def handshakes(
+    delays: Sequence[float] = (0, 25, 50),
+    repeats: int = 10,
+    *,
+    modes: Sequence[str] = _SETUP_MODES,
+    target: Any = None,
+    max_datagram_size: int = LINK_DATAGRAM_SIZE,
+    warmup: bool = True,
+    seed: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Measure connection setup, full vs resumed handshake, under emulated one-way delays.
+
+    For each delay a :class:`~qsftp.netem.LinkEmulator` (``delay_ms`` both ways, so the RTT
+    is twice it) runs in front of the server (an embedded one in a child process unless
+    ``target`` is given, as in :func:`sweep`). Each measurement opens a connection, asks one
+    STAT of the root and closes; "full" offers no ticket, "resumed" offers the ticket of the
+    previous "resumed" connection through the same link. One warm-up per delay and mode
+    (flagged, not dropped) goes first, which also fetches the first ticket; then every
+    (delay, mode, repeat) runs in a shuffled order whose seed is stored in ``df.attrs``.
+    Returns one row per connection (:data:`HANDSHAKE_COLUMNS`, docs/MEASUREMENT.md).
+    """
+    if repeats < 1:
+        raise UsageError("repeats must be at least 1")
+    modes = list(dict.fromkeys(modes))
+    if not modes or any(mode not in _SETUP_MODES for mode in modes):
+        raise UsageError(f"modes must be among {_SETUP_MODES}, not {modes!r}")
+    delay_list = [float(d) for d in _as_list(delays)]
+    profiles = [LinkProfile(delay_ms=d) for d in delay_list]  # UsageError on a bad delay
+    seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
+    order = [
+        (index, mode, repeat)
+        for index in range(len(delay_list))
+        for mode in modes
+        for repeat in range(repeats)
+    ]
+    random.Random(seed).shuffle(order)
+    plan = [(i, m, -1, True) for i in range(len(delay_list)) for m in modes] if warmup else []
+    plan += [(i, m, r, False) for i, m, r in order]
+    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    rows: list[dict[str, Any]] = []
+    tickets = TicketCache()
+    with tempfile.TemporaryDirectory(prefix="qsftp-handshakes-") as tmp:
+        async with contextlib.AsyncExitStack() as stack:
+            if target is None:
+                server, _pid = await stack.enter_async_context(
+                    _embedded_server(
+                        Path(tmp),
+                        max_datagram_size=max_datagram_size,
+                        congestion_control=None,
+                    )
+                )
+            else:
+                server = _target(target)
+            emulators = [
+                await stack.enter_async_context(
+                    LinkEmulator(
+                        (server.host, server.port),
+                        uplink=profile,
+                        downlink=profile,
+                        seed=random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31),
+                    )
+                )
+                for index, profile in enumerate(profiles)
+            ]
+            with _progress_bar(len(plan), enabled=progress) as bar:
+                for index, mode, repeat, is_warmup in plan:
+                    row: dict[str, Any] = dict.fromkeys(HANDSHAKE_COLUMNS)
+                    row.update(
+                        run_id=run_id,
+                        delay_ms=delay_list[index],
+                        rtt_ms=2 * delay_list[index],
+                        mode=mode,
+                        repeat=repeat,
+                        warmup=is_warmup,
+                        session_resumed=False,
+                        error="",
+                    )
+                    await _one_setup(
+                        emulators[index],
+                        server,
+                        mode=mode,
+                        tickets=tickets,
+                        max_datagram_size=max_datagram_size,
+                        row=row,
+                    )
+                    rows.append(row)
+                    bar.update(1)
+    frame = pd.DataFrame(rows, columns=HANDSHAKE_COLUMNS)
+    frame.attrs.update(collect_metadata())
+    frame.attrs.update(
+        run_id=run_id,
+        shuffle_seed=seed,
+        repeats=repeats,
+        warmup=warmup,
+        delays_ms=delay_list,
+        modes=modes,
+        max_datagram_size=max_datagram_size,
+        target="embedded" if target is None else f"{server.host}:{server.port}",
+    )
+    return frame
+
+
+def summarize_handshakes(df: pd.DataFrame) -> pd.DataFrame:
+    """Medians per (delay, mode) of a :func:`handshakes` frame, measured rows only, with
+    ``n`` and the share of connections that resumed."""
+    rows = df[~df["warmup"].astype(bool) & (df["error"].fillna("") == "")]
+    grouped = rows.groupby(["delay_ms", "rtt_ms", "mode"])
+    summary = grouped.agg(
+        n=("handshake_ms", "count"),
+        resumed=("session_resumed", "mean"),
+        handshake_ms=("handshake_ms", "median"),
+        session_ms=("session_ms", "median"),
+        setup_ms=("setup_ms", "median"),
+        first_reply_ms=("first_reply_ms", "median"),
+        client_cpu_ms=("client_cpu_ms", "median"),
+        bytes_down=("bytes_down", "median"),
+        bytes_up=("bytes_up", "median"),
+    )
+    return summary.reset_index()
 
 
 # --- saving and loading ---------------------------------------------------------------------
@@ -859,12 +1223,20 @@ def load_results(path: str | os.PathLike[str]) -> pd.DataFrame:
         frame = pd.read_parquet(src)
     else:
         # Text columns stay text even when every cell is empty (an all-failed run's sha256).
-        text = {"sha256": str, "error": str, **dict.fromkeys(_LINK_TEXT_COLUMNS, str)}
+        text = {
+            "sha256": str,
+            "error": str,
+            **dict.fromkeys(_TEXT_COLUMNS, str),
+            **dict.fromkeys(_LINK_TEXT_COLUMNS, str),
+        }
         frame = pd.read_csv(src, keep_default_na=False, na_values=[""], dtype=text)
-        frame["error"] = frame["error"].fillna("").astype(str)
-        frame["sha256"] = frame["sha256"].fillna("").astype(str)
-        for column in ("verified", "warmup", "cpu_bound"):
-            frame[column] = frame[column].astype(str).str.lower().eq("true")
+        # Files saved before a column existed (or by handshakes()) lack some of these.
+        for column in ("error", "sha256", *_TEXT_COLUMNS):
+            if column in frame.columns:
+                frame[column] = frame[column].fillna("").astype(str)
+        for column in ("verified", "warmup", "cpu_bound", "session_resumed"):
+            if column in frame.columns:
+                frame[column] = frame[column].astype(str).str.lower().eq("true")
     frame.attrs.update(_read_meta(src))
     return frame
 
@@ -875,6 +1247,7 @@ _CONFIG_COLUMNS = [
     "direction",
     "link",
     "link_mode",
+    "handshake",
     "file_size_bytes",
     "chunk_size_bytes",
     "max_datagram_size",
@@ -943,10 +1316,54 @@ def _parser() -> argparse.ArgumentParser:
         default="relay",
         help="relay: UDP LinkEmulator (default); packet: PacketLink (Linux, root)",
     )
+    parser.add_argument(
+        "--handshake",
+        nargs="+",
+        choices=HANDSHAKE_MODES,
+        help="how connections are set up: fresh (default), resumed, reused",
+    )
+    parser.add_argument("--qlog-dir", help="keep a qlog trace of every transfer's connection")
+    parser.add_argument(
+        "--handshakes",
+        action="store_true",
+        help="measure connection setup instead (full vs resumed; see --delays)",
+    )
+    parser.add_argument(
+        "--delays",
+        type=float,
+        nargs="+",
+        default=[0.0, 25.0, 50.0],
+        help="one-way delays for --handshakes, ms (default: 0 25 50)",
+    )
     parser.add_argument("--seed", type=int, help="shuffle seed (default: random, recorded)")
     parser.add_argument("--out", default="data", help="output directory (default: data/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _main_handshakes(args: argparse.Namespace) -> int:
+    """``--handshakes``: measure connection setup, print the medians, save the rows."""
+    try:
+        df = asyncio.run(
+            handshakes(
+                delays=args.delays,
+                repeats=args.repeats or 20,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        )
+    except QsftpError as exc:
+        print(f"qsftp-experiment: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    csv = save_results(df, Path(args.out) / "handshakes.csv")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summarize_handshakes(df).to_string(index=False, float_format=lambda v: f"{v:.1f}"))  # noqa: T201
+    failed = int((df["error"] != "").sum())
+    print(  # noqa: T201
+        f"\n{len(df)} connections ({failed} failed), run {df.attrs['run_id']}, "
+        f"shuffle seed {df.attrs['shuffle_seed']}\nwrote {csv}"
+    )
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -955,6 +1372,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.handshakes:
+        return _main_handshakes(args)
     if args.quick:
         sizes = args.sizes or ["64KB", "1MB", "8MB"]
         chunks = args.chunk_sizes or [1024, 16384, 65536]
@@ -992,6 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
                 receive_window=args.receive_window,
                 links=links,
                 link_mode=args.link_mode,
+                handshake=args.handshake or "fresh",
+                qlog_dir=args.qlog_dir,
                 seed=args.seed,
                 progress=not args.no_progress,
             )

@@ -31,12 +31,19 @@ checked, the data is flushed and fsync'd, the file is renamed over the final nam
 directory is fsync'd. Any failure before the rename removes the temporary file, so the final name
 holds either the old content or the complete new one. Parent directories created for a write
 stay when it is aborted.
+
+A resumable download (:class:`PartialDownload`) writes instead to ``.<name>.qsftp-part`` next to
+its destination, a name fixed by the destination so that a later attempt finds it. That file
+survives a failed attempt; its bytes are always a prefix of the remote file as it was read, and
+the next attempt has the server check that prefix (SHA-256) before it continues. The final name
+appears only through the same verified, fsync'd rename.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -69,10 +76,13 @@ __all__ = [
     "AtomicWriter",
     "RangeWriter",
     "Entry",
+    "PartialDownload",
     "Root",
     "normalize_name",
     "open_local_writer",
+    "partial_download_path",
     "sha256_file",
+    "sha256_prefix",
     "sync_directory",
 ]
 
@@ -903,6 +913,201 @@ def open_local_writer(
     return AtomicWriter(
         dir_fd, final.name, name=shown, size=size, refuse=LocalFileError, overwrite=overwrite
     )
+
+
+def partial_download_path(path: str | os.PathLike[str]) -> pathlib.Path:
+    """Where a resumable download to ``path`` keeps its bytes until they are verified."""
+    final = pathlib.Path(path)
+    room = MAX_COMPONENT_BYTES - len(f".{PARTIAL_SUFFIX}")
+    stem = final.name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return final.with_name(f".{stem}{PARTIAL_SUFFIX}")
+
+
+class PartialDownload:
+    """The hidden partial file of a resumable download (see the module docstring).
+
+    Opening it takes an exclusive ``flock``, so two processes never append to one partial file.
+    :meth:`prefix_sha256` hashes what it holds; :meth:`write` appends and continues that hash;
+    :meth:`restart` empties it; :meth:`commit` verifies the whole file and renames it to the
+    destination. :meth:`close` keeps the file for a later attempt; :meth:`discard` removes it.
+    Writes are unbuffered (the caller hands over large blocks), so whatever reached the disk
+    before a crash is a prefix of the data received. Errors are :class:`LocalFileError` (or
+    :class:`NoSpace`).
+    """
+
+    size: int
+    """Bytes the partial file holds (its size when opened, then what was written)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        final = pathlib.Path(path)
+        self.name = os.fspath(path)
+        if final.name in ("", ".", ".."):
+            raise LocalFileError(f"{self.name!r} does not name a file")
+        self._final = final.name
+        self._partial = partial_download_path(final).name
+        try:
+            self._dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalFileError(f"{final.parent}: {exc.strerror}") from None
+        try:
+            self._fd = self._open()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
+        self.size = os.fstat(self._fd).st_size
+        self._sha256 = hashlib.sha256()
+        self._hashed = False
+
+    def _open(self) -> int:
+        try:
+            st = os.stat(self._final, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LocalFileError(f"{self.name}: {exc.strerror}") from None
+        else:
+            if stat.S_ISDIR(st.st_mode):
+                raise LocalFileError(f"{self.name} is a directory")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._partial, flags, 0o666, dir_fd=self._dir_fd)
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LocalFileError(f"{self._partial} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LocalFileError(f"{self.name}: another download is writing it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @property
+    def path(self) -> pathlib.Path:
+        """The partial file."""
+        return pathlib.Path(self.name).with_name(self._partial)
+
+    def prefix_sha256(self) -> bytes:
+        """SHA-256 of what the partial file holds (read back from disk); sets :attr:`size`."""
+        fd = self._check_open()
+        hasher = hashlib.sha256()
+        size = 0
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            while block := os.read(fd, _HASH_BLOCK):
+                hasher.update(block)
+                size += len(block)
+        except OSError as exc:
+            raise LocalFileError(f"{self._partial}: {exc.strerror}") from None
+        self._sha256, self.size, self._hashed = hasher, size, True
+        return hasher.digest()
+
+    def restart(self) -> None:
+        """Forget what the partial file holds: the download starts over from byte 0."""
+        fd = self._check_open()
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        self._sha256, self.size, self._hashed = hashlib.sha256(), 0, True
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` (after :meth:`prefix_sha256` or :meth:`restart`)."""
+        fd = self._check_open()
+        if not self._hashed:
+            raise UsageError("hash the partial file (prefix_sha256) before appending to it")
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.write(fd, view)
+                self._sha256.update(view[:written])
+                self.size += written
+                view = view[written:]
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+
+    def commit(self, *, size: int, expected_sha256: str) -> str:
+        """Check the whole file's size and SHA-256, fsync, rename it to the destination and
+        fsync the directory; return the SHA-256. A mismatch removes the partial file (its
+        bytes are wrong, so a later attempt must start over) and raises ChecksumMismatch."""
+        fd = self._check_open()
+        digest = self._sha256.hexdigest()
+        if not self._hashed or self.size != size or digest != expected_sha256.lower():
+            self.discard()
+            raise ChecksumMismatch(
+                f"{_show(self.name)}: {self.size} bytes with SHA-256 {digest}, expected "
+                f"{size} bytes with SHA-256 {expected_sha256}"
+            )
+        try:
+            os.fsync(fd)
+            os.replace(self._partial, self._final, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except IsADirectoryError:
+            raise LocalFileError(f"{self.name} is a directory") from None
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        try:
+            sync_directory(self._dir_fd)
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        finally:
+            self._release()  # the partial file is the destination now
+        return digest
+
+    def discard(self) -> None:
+        """Remove the partial file and close."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._partial, dir_fd=self._dir_fd)
+        self._release()
+
+    def close(self) -> None:
+        """Release the partial file, keeping it for a later attempt unless it is empty (then
+        there is nothing to resume). Idempotent."""
+        if self._fd >= 0 and self.size == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self._partial, dir_fd=self._dir_fd)
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)  # also releases the lock
+            os.close(self._dir_fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> int:
+        if self._fd < 0:
+            raise UsageError(f"the partial download of {self.name!r} is closed")
+        return self._fd
+
+
+def sha256_prefix(file: BinaryIO, count: int) -> tuple[int, hashlib._Hash]:
+    """Read up to ``count`` bytes of ``file`` from where it stands; return how many there were
+    and a SHA-256 object over them (to be continued with the rest)."""
+    hasher = hashlib.sha256()
+    done = 0
+    while done < count:
+        block = file.read(min(_HASH_BLOCK, count - done))
+        if not block:
+            break
+        hasher.update(block)
+        done += len(block)
+    return done, hasher
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

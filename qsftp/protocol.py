@@ -7,7 +7,7 @@ to QUIC. It knows nothing of sockets, clocks, files or asyncio.
 Streams (client-initiated bidirectional QUIC streams only):
 
 - stream 0 is the control stream: CONN_REQUEST → CONN_ACK | ERROR, later CONN_TERMINATE;
-- every other stream carries exactly one operation (PUT, GET, LIST, STAT).
+- every other stream carries exactly one operation (PUT, GET, LIST, STAT, …).
 
 Everything that affects a transition lives in this file: the three tables below
 (``_CONTROL``, ``_REQUEST``, ``_RESPONSE``), which docs/PROTOCOL.md draws. An input that is not
@@ -37,8 +37,10 @@ from .wire import (
     EntryInfo,
     EntryKind,
     Error,
+    FileFrom,
     FileInfo,
     Get,
+    GetFrom,
     List,
     Message,
     MessageType,
@@ -61,6 +63,7 @@ __all__ = [
     "EntryReceived",
     "Event",
     "FileStarted",
+    "GetFromRequested",
     "GetRequested",
     "ListRequested",
     "OperationDone",
@@ -162,6 +165,22 @@ class GetRequested(Event):
     "Remote name as sent (untrusted)."
     chunk_size: int
     "Largest DATA payload the client wants; 0 lets the server choose."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetFromRequested(Event):
+    """Server: the rest of a download is asked for (a resumed download)."""
+
+    stream_id: int
+    "Stream of the operation."
+    name: str
+    "Remote name as sent (untrusted)."
+    chunk_size: int
+    "Largest DATA payload the client wants; 0 lets the server choose."
+    offset: int
+    "Bytes the client holds already."
+    sha256: bytes
+    "SHA-256 of those bytes: the server resumes only if its first ``offset`` bytes match."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -279,6 +298,8 @@ class FileStarted(Event):
     "Exact size in bytes."
     mtime_ns: int
     "Modification time on the server."
+    offset: int = 0
+    "Where the bytes that follow start in the file (a resumed download; else 0)."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -371,6 +392,7 @@ class ResponseState(enum.Enum):
     WAITING = "waiting"  # no request yet
     PUT_RESULT = "put-result"
     GET_HEADER = "get-header"
+    GET_FROM_HEADER = "get-from-header"
     GET_BODY = "get-body"
     LIST_ENTRIES = "list-entries"
     STAT_ENTRY = "stat-entry"
@@ -411,6 +433,7 @@ _REQUEST: dict[tuple[RequestState, MessageType | str], RequestState] = {
     (_RQ.IDLE, _T.COMMIT): _RQ.ENDED,
     (_RQ.IDLE, _T.ABORT): _RQ.ENDED,
     (_RQ.IDLE, _T.PROBE): _RQ.ENDED,
+    (_RQ.IDLE, _T.GET_FROM): _RQ.ENDED,
     (_RQ.BODY, _T.DATA): _RQ.BODY,
     (_RQ.BODY, _T.END): _RQ.ENDED,
     (_RQ.ENDED, _FIN): _RQ.CLOSED,
@@ -424,6 +447,8 @@ _RESPONSE: dict[tuple[ResponseState, MessageType | str], ResponseState] = {
     (_RS.PUT_RESULT, _T.ERROR): _RS.FINAL,
     (_RS.GET_HEADER, _T.FILE): _RS.GET_BODY,
     (_RS.GET_HEADER, _T.ERROR): _RS.FINAL,
+    (_RS.GET_FROM_HEADER, _T.FILE_FROM): _RS.GET_BODY,
+    (_RS.GET_FROM_HEADER, _T.ERROR): _RS.FINAL,
     (_RS.GET_BODY, _T.DATA): _RS.GET_BODY,
     (_RS.GET_BODY, _T.DONE): _RS.FINAL,
     (_RS.GET_BODY, _T.ERROR): _RS.FINAL,
@@ -447,6 +472,7 @@ _RESPONSE_FOR: dict[MessageType, ResponseState] = {
     _T.COMMIT: _RS.PUT_RESULT,
     _T.ABORT: _RS.PUT_RESULT,
     _T.PROBE: _RS.PUT_RESULT,
+    _T.GET_FROM: _RS.GET_FROM_HEADER,
 }
 
 # Messages that may appear on operation streams at all; anything else there is a violation.
@@ -466,6 +492,7 @@ class _OpStream:
     response: ResponseState = ResponseState.WAITING
     body_expected: int = 0  # bytes announced by PUT or FILE
     body_seen: int = 0  # DATA bytes seen so far in the body
+    resume_offset: int = 0  # GET_FROM's offset: FILE_FROM may start there or at 0
     end_sha256: bytes = b""  # client's END digest, until FIN arrives
 
 
@@ -583,6 +610,15 @@ class QsftpConnection:
         """Client: ask for a file on a new stream."""
         self._send_simple_request(stream_id, Get(name=name, chunk_size=chunk_size))
 
+    def send_get_from(
+        self, stream_id: int, name: str, *, chunk_size: int = 0, offset: int, sha256: bytes
+    ) -> None:
+        """Client: ask for the rest of a file from ``offset``, given the SHA-256 of the
+        ``offset`` bytes held; the server starts over from 0 when its prefix differs."""
+        msg = GetFrom(name=name, chunk_size=chunk_size, offset=offset, sha256=sha256)
+        self._send_simple_request(stream_id, msg)
+        self._streams[stream_id].resume_offset = offset
+
     def send_list(self, stream_id: int, path: str = "", *, recursive: bool = False) -> None:
         """Client: ask for a directory listing on a new stream."""
         self._send_simple_request(stream_id, List(path=path, recursive=recursive))
@@ -635,6 +671,18 @@ class QsftpConnection:
         stream.body_expected = size
         stream.body_seen = 0
         self._pending.append((stream_id, encode(FileInfo(size=size, mtime_ns=mtime_ns)), False))
+
+    def send_file_from(self, stream_id: int, size: int, mtime_ns: int, offset: int) -> None:
+        """Server: a resumed download's bytes follow, from ``offset`` (GET_FROM's, or 0)."""
+        self._require_role(Role.SERVER, "send FILE_FROM")
+        stream = self._local_stream(stream_id)
+        if offset not in (0, stream.resume_offset) or offset > size:
+            raise LocalProtocolError(f"stream {stream_id}: FILE_FROM cannot start at {offset}")
+        self._response_step(stream, _T.FILE_FROM, local=True)
+        stream.body_expected = size - offset
+        stream.body_seen = 0
+        msg = FileFrom(size=size, mtime_ns=mtime_ns, offset=offset)
+        self._pending.append((stream_id, encode(msg), False))
 
     def send_entry(
         self, stream_id: int, *, name: str, kind: EntryKind, size: int, mtime_ns: int
@@ -778,6 +826,17 @@ class QsftpConnection:
                 events.append(PutRequested(stream_id=sid, name=msg.name, size=msg.size))
             case Get():
                 events.append(GetRequested(stream_id=sid, name=msg.name, chunk_size=msg.chunk_size))
+            case GetFrom():
+                stream.resume_offset = msg.offset
+                events.append(
+                    GetFromRequested(
+                        stream_id=sid,
+                        name=msg.name,
+                        chunk_size=msg.chunk_size,
+                        offset=msg.offset,
+                        sha256=msg.sha256,
+                    )
+                )
             case List():
                 events.append(ListRequested(stream_id=sid, path=msg.path, recursive=msg.recursive))
             case Stat():
@@ -830,6 +889,18 @@ class QsftpConnection:
                 stream.body_expected = msg.size
                 stream.body_seen = 0
                 events.append(FileStarted(stream_id=sid, size=msg.size, mtime_ns=msg.mtime_ns))
+            case FileFrom():
+                if msg.offset not in (0, stream.resume_offset):
+                    raise _StreamFailure(
+                        f"FILE_FROM starts at {msg.offset}, asked for {stream.resume_offset} or 0"
+                    )
+                stream.body_expected = msg.size - msg.offset
+                stream.body_seen = 0
+                events.append(
+                    FileStarted(
+                        stream_id=sid, size=msg.size, mtime_ns=msg.mtime_ns, offset=msg.offset
+                    )
+                )
             case Data():
                 self._count_body(stream, len(msg.data))
                 if msg.data:

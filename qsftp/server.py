@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
@@ -20,7 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
@@ -45,6 +46,7 @@ from .protocol import (
     ControlState,
     DataReceived,
     Event,
+    GetFromRequested,
     GetRequested,
     ListRequested,
     ProbeRequested,
@@ -74,6 +76,7 @@ from .session import (
     send_body,
     transmit_batch,
 )
+from .tickets import TicketStore
 from .udp import DatagramEndpoint
 from .wire import ALPN, PROTOCOL_VERSION, EntryKind
 
@@ -143,8 +146,12 @@ class QsftpServer:
         certfile: Path,
         fingerprint: str,
         limits: Limits,
+        tickets: TicketStore | None = None,
     ) -> None:
         self.root = root
+        self.tickets = tickets
+        "Session tickets this server issued (None: it issues none, every handshake is full)."
+
         self.certfile = certfile
         self.fingerprint = fingerprint
         self.limits = limits
@@ -197,8 +204,13 @@ class QsftpServer:
             sock.close()
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         # retry: QUIC address validation, one extra round trip before any state is kept.
+        tickets = self.tickets
         quic = QuicServer(
-            configuration=configuration, create_protocol=self._create_protocol, retry=retry
+            configuration=configuration,
+            create_protocol=self._create_protocol,
+            retry=retry,
+            session_ticket_fetcher=tickets.pop if tickets is not None else None,
+            session_ticket_handler=tickets.add if tickets is not None else None,
         )
         endpoint = DatagramEndpoint(
             sock,
@@ -312,6 +324,7 @@ class _ServerProtocol(QsftpProtocol):
             case (
                 PutRequested()
                 | GetRequested()
+                | GetFromRequested()
                 | ListRequested()
                 | StatRequested()
                 | PutRangeRequested()
@@ -346,7 +359,7 @@ class _ServerProtocol(QsftpProtocol):
             match request:
                 case PutRequested():
                     await self._put(channel, request)
-                case GetRequested():
+                case GetRequested() | GetFromRequested():
                     await self._get(channel, request)
                 case ListRequested():
                     await self._list(channel, request)
@@ -485,7 +498,7 @@ class _ServerProtocol(QsftpProtocol):
         )
         self.qsftp.send_done(channel.stream_id, size=held, sha256=bytes.fromhex(digest))
 
-    async def _get(self, channel: Channel, request: GetRequested) -> None:
+    async def _get(self, channel: Channel, request: GetRequested | GetFromRequested) -> None:
         name = fs.normalize_name(request.name)
         chunk_size = request.chunk_size or DEFAULT_CHUNK_SIZE
         if chunk_size > MAX_CHUNK_SIZE:
@@ -493,16 +506,26 @@ class _ServerProtocol(QsftpProtocol):
         file, entry = await asyncio.to_thread(self.server.root.open_read, name)
         with file:
             cpu_start = cpu_time()
-            self.qsftp.send_file_info(channel.stream_id, entry.size, max(0, entry.mtime_ns))
+            mtime_ns = max(0, entry.mtime_ns)
+            if isinstance(request, GetFromRequested):
+                offset, hasher = await asyncio.to_thread(
+                    _resume_point, file, request.offset, request.sha256, entry.size
+                )
+                self.qsftp.send_file_from(channel.stream_id, entry.size, mtime_ns, offset)
+            else:
+                offset, hasher = 0, None
+                self.qsftp.send_file_info(channel.stream_id, entry.size, mtime_ns)
             self.flush()
-            digest = await send_body(self, channel, file, entry.size, chunk_size)
+            digest = await send_body(
+                self, channel, file, entry.size - offset, chunk_size, hasher=hasher
+            )
         self.qsftp.send_done(
             channel.stream_id,
             size=entry.size,
             sha256=digest,
             server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
         )
-        logger.info("sent %s (%d bytes)", name, entry.size)
+        logger.info("sent %s (%d bytes from %d)", name, entry.size - offset, offset)
 
     async def _list(self, channel: Channel, request: ListRequested) -> None:
         path = fs.normalize_name(request.path, allow_empty=True)
@@ -528,6 +551,20 @@ class _ServerProtocol(QsftpProtocol):
             size=entry.size,
             mtime_ns=max(0, entry.mtime_ns),  # the wire has no times before 1970
         )
+
+
+def _resume_point(
+    file: BinaryIO, offset: int, sha256: bytes, size: int
+) -> tuple[int, hashlib._Hash | None]:
+    """Where a resumed download continues: ``offset`` when the file's first ``offset`` bytes
+    have SHA-256 ``sha256`` (the file is left there, with a hash of them to continue), else 0
+    (the client's partial file is not a prefix of this file: it starts over)."""
+    if 0 < offset <= size:
+        held, hasher = fs.sha256_prefix(file, offset)
+        if held == offset and hasher.digest() == sha256:
+            return offset, hasher
+        file.seek(0)
+    return 0, None
 
 
 def server_configuration(
@@ -578,6 +615,7 @@ async def serve(
     receive_window: int | None = None,
     reuse_port: bool = False,
     qlog_dir: str | os.PathLike[str] | None = None,
+    session_tickets: bool = True,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
@@ -587,7 +625,9 @@ async def serve(
     ``allow_anonymous`` is set. ``reuse_port`` sets SO_REUSEPORT so that several server
     processes can share one port (``python -m qsftp.server --workers N``). ``qlog_dir``
     (created if missing) receives one qlog trace per connection, ``<ODCID>.qlog``, written
-    when the connection ends or the server stops.
+    when the connection ends or the server stops. With ``session_tickets`` (the default) the
+    server issues TLS session tickets, kept in memory (``server.tickets``), so that a client
+    can resume a session without the certificate exchange (:mod:`qsftp.tickets`).
     """
     if not token and not allow_anonymous and not is_loopback(host):
         _refuse_anonymous(host)
@@ -614,6 +654,7 @@ async def serve(
             certfile=certfile,
             fingerprint=fingerprint,
             limits=limits,
+            tickets=TicketStore() if session_tickets else None,
         )
         await server._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
         ready = asyncio.get_running_loop().create_future()

@@ -419,7 +419,9 @@ def check_peer(
     a ``pin`` must match, even when a CA file verified the chain too; ``cafile_verified`` means
     TLS already checked chain, dates and name; otherwise the known-hosts file decides, and a
     server seen for the first time is recorded there. ``cert`` is None when the handshake
-    carried no certificate (a resumed session): acceptable only for ``insecure`` and ``cafile``.
+    carried no certificate (a resumed session): acceptable only for ``insecure``. Not even for
+    ``cafile``: TLS verified no chain then, so the server's identity is the one stored with
+    the session ticket, which :func:`qsftp.tickets.check_resumed` checks instead.
     """
     fp = "" if cert is None else fingerprint(cert)
     key = _host_key(host, port)
@@ -428,7 +430,7 @@ def check_peer(
             raise UsageError("a pin and insecure mode contradict each other; choose one")
         logger.warning("not verifying the certificate of %s (insecure mode)", key)
         return TrustDecision(fingerprint=fp, how="insecure", message="")
-    if cert is None and (pin is not None or not cafile_verified):
+    if cert is None:
         raise TrustError(
             f"server {key} presented no certificate, so its fingerprint cannot be checked"
         )

@@ -41,7 +41,9 @@ __all__ = [
     "EntryInfo",
     "Error",
     "FileInfo",
+    "FileFrom",
     "Get",
+    "GetFrom",
     "List",
     "Message",
     "MessageType",
@@ -79,11 +81,13 @@ class MessageType(enum.IntEnum):
     COMMIT = 0x15
     ABORT = 0x16
     PROBE = 0x17
+    GET_FROM = 0x18
     DATA = 0x20
     END = 0x21
     FILE = 0x30
     ENTRY = 0x31
     DONE = 0x32
+    FILE_FROM = 0x33
 
 
 class EntryKind(enum.IntEnum):
@@ -244,6 +248,22 @@ class Probe(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GetFrom(Message):
+    """Client → server: the rest of a file from ``offset``, if the server's first ``offset``
+    bytes are the ones the client holds (their SHA-256); else the whole file."""
+
+    TYPE = MessageType.GET_FROM
+    name: str
+    "Remote name, a relative path."
+    chunk_size: int
+    "Largest DATA payload the client wants; 0 lets the server choose."
+    offset: int
+    "Bytes the client already holds (the length of its partial file)."
+    sha256: bytes
+    "SHA-256 of those ``offset`` bytes (32 bytes)."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Data(Message):
     """Either direction: file bytes."""
 
@@ -275,6 +295,19 @@ class FileInfo(Message):
     "Exact number of bytes that follow."
     mtime_ns: int
     "Modification time on the server, nanoseconds since the epoch."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileFrom(Message):
+    """Server → client: a resumed download starts at ``offset``; DATA frames and DONE follow."""
+
+    TYPE = MessageType.FILE_FROM
+    size: int
+    "Size of the whole file."
+    mtime_ns: int
+    "Modification time on the server, nanoseconds since the epoch."
+    offset: int
+    "Where the DATA starts: GET_FROM's offset when the prefix matched, else 0."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -342,6 +375,10 @@ def _payload(msg: Message) -> bytes:
             return _text(msg.name) + _varint(msg.size)
         case Get():
             return _text(msg.name) + _varint(msg.chunk_size)
+        case GetFrom():
+            return (
+                _text(msg.name) + _varint(msg.chunk_size) + _varint(msg.offset) + _blob(msg.sha256)
+            )
         case List():
             return _text(msg.path) + _varint(int(msg.recursive))
         case Stat():
@@ -366,6 +403,8 @@ def _payload(msg: Message) -> bytes:
             return msg.sha256
         case FileInfo():
             return _varint(msg.size) + _varint(msg.mtime_ns)
+        case FileFrom():
+            return _varint(msg.size) + _varint(msg.mtime_ns) + _varint(msg.offset)
         case EntryInfo():
             return _text(msg.name) + _varint(msg.kind) + _varint(msg.size) + _varint(msg.mtime_ns)
         case Done():
@@ -492,12 +531,23 @@ def _decode_control(kind: MessageType, payload: bytes) -> Message:
             msg = Abort(name=r.text(), upload_id=_upload_id(r))
         case MessageType.PROBE:
             msg = Probe(name=r.text(), upload_id=_upload_id(r))
+        case MessageType.GET_FROM:
+            name, chunk_size, offset = r.text(), r.varint(), r.varint()
+            digest = r.blob(limit=_SHA256_LEN)
+            if len(digest) != _SHA256_LEN:
+                raise RemoteProtocolError("GET_FROM must carry a 32-byte SHA-256")
+            msg = GetFrom(name=name, chunk_size=chunk_size, offset=offset, sha256=digest)
         case MessageType.END:
             if len(payload) != _SHA256_LEN:
                 raise RemoteProtocolError("END must carry a 32-byte SHA-256")
             return End(sha256=payload)
         case MessageType.FILE:
             msg = FileInfo(size=r.varint(), mtime_ns=r.varint())
+        case MessageType.FILE_FROM:
+            size, mtime_ns, offset = r.varint(), r.varint(), r.varint()
+            if offset > size:
+                raise RemoteProtocolError("FILE_FROM starts beyond the end of the file")
+            msg = FileFrom(size=size, mtime_ns=mtime_ns, offset=offset)
         case MessageType.ENTRY:
             name = r.text()
             raw_kind = r.varint()

@@ -338,14 +338,22 @@ def test_a_packet_mode_sweep_returns_rows_with_the_link_mode_and_link_columns(
     assert not {n for n in namespaces() if n.startswith(f"qsftp-{os.getpid()}-")}
 
 
-def test_packet_mode_refuses_an_external_target() -> None:
-    with pytest.raises(UsageError, match="target"):
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"target": ("127.0.0.1", 9)}, "target"),
+        ({"congestion_control": "cubic"}, "congestion_control"),
+        ({"handshake": "resumed"}, "fresh"),
+        ({"link_mode": "tun"}, "link_mode"),
+    ],
+)
+def test_packet_mode_refuses_what_the_clis_cannot_do(option: dict[str, Any], match: str) -> None:
+    with pytest.raises(UsageError, match=match):
         run(
             lambda: sweep(
                 sizes=[1],
                 links=[LinkProfile()],
-                link_mode="packet",
-                target=("127.0.0.1", 9),
+                **{"link_mode": "packet", **option},
                 progress=False,
             )
         )

@@ -28,6 +28,7 @@ from qsftp.protocol import (
     EntryReceived,
     Event,
     FileStarted,
+    GetFromRequested,
     GetRequested,
     ListRequested,
     OperationDone,
@@ -59,8 +60,10 @@ from qsftp.wire import (
     EntryInfo,
     EntryKind,
     Error,
+    FileFrom,
     FileInfo,
     Get,
+    GetFrom,
     List,
     Message,
     MessageType,
@@ -276,6 +279,50 @@ def test_get_passes_chunk_size_and_delivers_the_file(link: Link) -> None:
         OperationDone(stream_id=4, size=len(content), sha256=DIGEST, server_cpu_us=5),
     ]
     assert link.client.open_streams == 0 and link.server.open_streams == 0
+
+
+@pytest.mark.parametrize("matched", [True, False], ids=["prefix-matched", "started-over"])
+def test_get_from_delivers_the_rest_or_the_whole_file(link: Link, matched: bool) -> None:
+    content = b"0123456789" * 250
+    link.client.send_get_from(4, "big.bin", chunk_size=1000, offset=700, sha256=DIGEST)
+    [request] = link.to_server()
+    assert request == GetFromRequested(
+        stream_id=4, name="big.bin", chunk_size=1000, offset=700, sha256=DIGEST
+    )
+    offset = 700 if matched else 0
+    link.server.send_file_from(4, size=len(content), mtime_ns=123, offset=offset)
+    link.server.send_data(4, content[offset:])
+    link.server.send_done(4, size=len(content), sha256=DIGEST, server_cpu_us=5)
+    events = link.to_client()
+    assert received(events) == content[offset:]
+    assert without_data(events) == [
+        FileStarted(stream_id=4, size=len(content), mtime_ns=123, offset=offset),
+        OperationDone(stream_id=4, size=len(content), sha256=DIGEST, server_cpu_us=5),
+    ]
+    assert link.client.open_streams == 0 and link.server.open_streams == 0
+
+
+def test_file_from_may_start_only_where_asked_or_at_zero(link: Link) -> None:
+    link.client.send_get_from(4, "f", offset=10, sha256=DIGEST)
+    link.to_server()
+    with pytest.raises(LocalProtocolError):
+        link.server.send_file_from(4, size=100, mtime_ns=0, offset=5)
+    assert link.server.data_to_send() == []
+    # A server that does it anyway breaks the stream on the client.
+    events = link.client.receive(4, encode(FileFrom(size=100, mtime_ns=0, offset=5)), False)
+    assert isinstance(events[-1], ProtocolViolation)
+    assert link.client.open_streams == 0
+
+
+def test_a_resumed_body_must_be_exactly_the_rest_of_the_file(link: Link) -> None:
+    link.client.send_get_from(4, "f", offset=10, sha256=DIGEST)
+    link.to_server()
+    link.server.send_file_from(4, size=15, mtime_ns=0, offset=10)
+    with pytest.raises(LocalProtocolError):
+        link.server.send_data(4, b"x" * 6)
+    link.server.send_data(4, b"x" * 4)
+    with pytest.raises(LocalProtocolError):
+        link.server.send_done(4, size=15)
 
 
 def test_list_delivers_every_entry_then_done(link: Link) -> None:
@@ -626,9 +673,11 @@ SAMPLE: dict[MessageType, Message] = {
     _T.COMMIT: Commit(name="f", total_size=0, upload_id=bytes(16), sha256=DIGEST),
     _T.ABORT: Abort(name="f", upload_id=bytes(16)),
     _T.PROBE: Probe(name="f", upload_id=bytes(16)),
+    _T.GET_FROM: GetFrom(name="f", chunk_size=0, offset=0, sha256=DIGEST),
     _T.DATA: Data(data=b"x"),
     _T.END: End(sha256=DIGEST),
     _T.FILE: FileInfo(size=0, mtime_ns=0),
+    _T.FILE_FROM: FileFrom(size=0, mtime_ns=0, offset=0),
     _T.ENTRY: EntryInfo(name="f", kind=EntryKind.FILE, size=0, mtime_ns=0),
     _T.DONE: Done(size=0),
 }
@@ -693,6 +742,7 @@ def client_in(state: ResponseState, kind: MessageType | str) -> Link:
     steps: dict[ResponseState, tuple[Callable[[], None], bytes, bool]] = {
         _RS.PUT_RESULT: (lambda: c.send_put(4, "f", 1), b"", False),  # upload unfinished
         _RS.GET_HEADER: (lambda: c.send_get(4, "f"), b"", False),
+        _RS.GET_FROM_HEADER: (lambda: c.send_get_from(4, "f", offset=0, sha256=DIGEST), b"", False),
         _RS.GET_BODY: (lambda: c.send_get(4, "f"), encode(file), False),
         _RS.LIST_ENTRIES: (lambda: c.send_list(4), b"", False),
         _RS.STAT_ENTRY: (lambda: c.send_stat(4, "f"), b"", False),
@@ -736,8 +786,9 @@ def test_response_table_alone_decides_what_a_client_accepts(
         (lambda c: c.send_get(4, "f"), _RS.GET_HEADER),
         (lambda c: c.send_list(4), _RS.LIST_ENTRIES),
         (lambda c: c.send_stat(4, "f"), _RS.STAT_ENTRY),
+        (lambda c: c.send_get_from(4, "f", offset=1, sha256=DIGEST), _RS.GET_FROM_HEADER),
     ],
-    ids=["put", "get", "list", "stat"],
+    ids=["put", "get", "list", "stat", "get-from"],
 )
 def test_a_client_request_fixes_the_response_it_expects(
     send: Callable[[QsftpConnection], None], state: ResponseState
@@ -751,6 +802,7 @@ def test_a_client_request_fixes_the_response_it_expects(
 SERVER_SENDS: dict[MessageType, Callable[[QsftpConnection], None]] = {
     _T.DATA: lambda s: s.send_data(4, b"x"),
     _T.FILE: lambda s: s.send_file_info(4, size=0, mtime_ns=0),
+    _T.FILE_FROM: lambda s: s.send_file_from(4, size=0, mtime_ns=0, offset=0),
     _T.ENTRY: lambda s: s.send_entry(4, name="f", kind=EntryKind.FILE, size=0, mtime_ns=0),
     _T.DONE: lambda s: s.send_done(4, size=0),
     _T.ERROR: lambda s: s.send_error(4, ErrorCode.INTERNAL, "x"),
@@ -764,6 +816,7 @@ def server_answering(state: ResponseState, kind: MessageType) -> QsftpConnection
         _RS.WAITING: b"",
         _RS.PUT_RESULT: encode(Put(name="f", size=0)),
         _RS.GET_HEADER: encode(Get(name="f")),
+        _RS.GET_FROM_HEADER: encode(SAMPLE[_T.GET_FROM]),
         _RS.GET_BODY: encode(Get(name="f")),
         _RS.LIST_ENTRIES: encode(List(path="")),
         _RS.STAT_ENTRY: encode(Stat(path="f")),
@@ -835,7 +888,7 @@ def test_random_request_sequences_follow_the_request_table(
 
 
 @given(
-    st.sampled_from([_T.PUT, _T.GET, _T.LIST, _T.STAT]),
+    st.sampled_from([_T.PUT, _T.GET, _T.LIST, _T.STAT, _T.GET_FROM]),
     st.lists(st.sampled_from(INPUTS), max_size=6),
     st.integers(0, 3),
 )
@@ -848,6 +901,7 @@ def test_random_response_sequences_follow_the_response_table(
         _T.GET: lambda: client.send_get(4, "f"),
         _T.LIST: lambda: client.send_list(4),
         _T.STAT: lambda: client.send_stat(4, "f"),
+        _T.GET_FROM: lambda: client.send_get_from(4, "f", offset=0, sha256=DIGEST),
     }[request_kind]()
     state = client.response_state(4)
     expected, seen = 0, 0
@@ -855,6 +909,8 @@ def test_random_response_sequences_follow_the_response_table(
         msg = None if kind == FIN else SAMPLE[MessageType(kind)]
         if isinstance(msg, FileInfo):
             msg, expected = FileInfo(size=file_size, mtime_ns=0), file_size
+        if isinstance(msg, FileFrom):
+            msg, expected = FileFrom(size=file_size, mtime_ns=0, offset=0), file_size
         data, fin = (encode(msg), False) if msg else (b"", True)
         allowed = (state, kind) in _RESPONSE
         if kind == _T.DATA:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,13 @@ def test_soak_cli_prints_its_report_and_exits_zero(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "failures: 0" in proc.stdout and "wrong files: 0" in proc.stdout
     assert "server RSS MB" in proc.stdout
+
+
+def test_cli_processes_pin_the_allocators_mmap_threshold() -> None:
+    # In a child, so the test process keeps its allocator settings. glibc has mallopt; other
+    # C libraries do not, and there the call must report that it did nothing.
+    code = "from qsftp.session import limit_heap_growth; print(limit_heap_growth())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == str(platform.libc_ver()[0] == "glibc")

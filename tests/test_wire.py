@@ -29,8 +29,10 @@ from qsftp.wire import (
     EntryInfo,
     EntryKind,
     Error,
+    FileFrom,
     FileInfo,
     Get,
+    GetFrom,
     List,
     Message,
     MessageType,
@@ -113,11 +115,15 @@ SAMPLES: list[Message] = [
     Commit(name="big/файл.iso", total_size=2**40, upload_id=UID, sha256=DIGEST),
     Abort(name="f", upload_id=UID),
     Probe(name="dir/f", upload_id=UID),
+    GetFrom(name="日本語/ファイル", chunk_size=0, offset=VARINT_MAX, sha256=DIGEST),
+    GetFrom(name="a", chunk_size=65536, offset=0, sha256=DIGEST),
     Data(data=b""),
     Data(data=b"\x00\xff" * 600),
     End(sha256=DIGEST),
     FileInfo(size=63, mtime_ns=1_700_000_000_123_456_789),
     FileInfo(size=64, mtime_ns=2**30),
+    FileFrom(size=VARINT_MAX, mtime_ns=1_700_000_000_123_456_789, offset=2**40),
+    FileFrom(size=0, mtime_ns=0, offset=0),
     EntryInfo(name="a/b", kind=EntryKind.DIR, size=0, mtime_ns=16384),
     EntryInfo(name="ü.txt", kind=EntryKind.FILE, size=2**30 - 1, mtime_ns=VARINT_MAX),
     Done(size=16384, sha256=DIGEST, server_cpu_us=2**30 - 1),
@@ -311,6 +317,11 @@ MALFORMED = {
     "flag-of-2": frame(_T.LIST, text("") + varint(2)),
     "entry-kind-0": frame(_T.ENTRY, text("a") + varint(0) + varint(0) + varint(0)),
     "entry-kind-3": frame(_T.ENTRY, text("a") + varint(3) + varint(0) + varint(0)),
+    "get-from-short-digest": frame(
+        _T.GET_FROM, text("a") + varint(0) + varint(5) + text(bytes(31))
+    ),
+    "get-from-no-digest": frame(_T.GET_FROM, text("a") + varint(0) + varint(0) + text(b"")),
+    "file-from-beyond-the-end": frame(_T.FILE_FROM, varint(5) + varint(0) + varint(6)),
 }
 
 
@@ -368,6 +379,19 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Data, data=st.binary(max_size=200)),
     st.builds(End, sha256=st.binary(min_size=32, max_size=32)),
     st.builds(FileInfo, size=varints, mtime_ns=varints),
+    st.builds(
+        GetFrom,
+        name=texts,
+        chunk_size=varints,
+        offset=varints,
+        sha256=st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(
+        FileFrom,
+        size=st.just(VARINT_MAX),
+        mtime_ns=varints,
+        offset=varints,
+    ),
     st.builds(
         EntryInfo, name=texts, kind=st.sampled_from(EntryKind), size=varints, mtime_ns=varints
     ),
