@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         NoSpace,
         NotFound,
         OperationError,
+        PacketLinkUnavailable,
         QsftpError,
         RemoteProtocolError,
         TooLarge,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .experiment import load_results, save_results, summarize, sweep
     from .fs import Entry
     from .netem import LinkEmulator, LinkProfile, LinkStats, StreamRelay
+    from .packetlink import PacketLink
     from .plots import (
         plot_chunk_size,
         plot_distribution,
@@ -72,6 +74,8 @@ __all__ = [
     "NoSpace",
     "NotFound",
     "OperationError",
+    "PacketLink",
+    "PacketLinkUnavailable",
     "QsftpError",
     "QsftpServer",
     "RemoteProtocolError",
@@ -124,6 +128,7 @@ _EXPORTS: dict[str, str] = {
     "NoSpace": "errors",
     "NotFound": "errors",
     "OperationError": "errors",
+    "PacketLinkUnavailable": "errors",
     "QsftpError": "errors",
     "RemoteProtocolError": "errors",
     "TooLarge": "errors",
@@ -136,6 +141,7 @@ _EXPORTS: dict[str, str] = {
     "LinkEmulator": "netem",
     "LinkProfile": "netem",
     "LinkStats": "netem",
+    "PacketLink": "packetlink",
     "StreamRelay": "netem",
     "serve": "server",
     "Ticket": "tickets",

@@ -4,7 +4,8 @@ Every failure QSFTP raises is a :class:`QsftpError`::
 
     QsftpError
     ├── UsageError              local misuse of the API or CLI (bad argument)
-    │   └── LocalProtocolError  this side tried to send what qsftp/1 forbids now
+    │   ├── LocalProtocolError  this side tried to send what qsftp/1 forbids now
+    │   └── PacketLinkUnavailable   packet-level mode cannot run here (not root, ...)
     ├── LocalFileError          a local file is missing, unreadable or unwritable
     ├── TransportError          the connection could not be made or was lost
     │   └── ConnectTimeout      no answer from the server in time
@@ -48,6 +49,7 @@ __all__ = [
     "NoSpace",
     "NotFound",
     "OperationError",
+    "PacketLinkUnavailable",
     "QsftpError",
     "RemoteProtocolError",
     "TooLarge",
@@ -83,6 +85,11 @@ class UsageError(QsftpError):
 
 class LocalProtocolError(UsageError):
     """This side tried to send a message that qsftp/1 does not allow in the stream's state."""
+
+
+class PacketLinkUnavailable(UsageError):
+    """Packet-level mode (qsftp.packetlink) cannot run here; the message says why (not root,
+    no /dev/net/tun, no ``ip`` command, a namespace or TUN device could not be created)."""
 
 
 class LocalFileError(QsftpError):

@@ -6,7 +6,9 @@ a shuffled order whose seed is recorded, after one warm-up transfer, and returns
 transfer. Without ``target`` it starts a QSFTP server in a separate process (so client and
 server do not share one core), with its own temporary root and certificate, and stops it
 afterwards. ``links=[None, LinkProfile(delay_ms=25, loss=0.01)]`` adds emulated links as a
-dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server.
+dimension: each runs as a :class:`qsftp.netem.LinkEmulator` in front of the server, or with
+``link_mode="packet"`` as a :class:`qsftp.packetlink.PacketLink` (Linux, root) between the
+real client and server CLIs in two network namespaces.
 ``handshake=["fresh", "resumed", "reused"]`` makes how connections are set up a dimension, and
 ``qlog_dir=`` keeps a qlog trace of every transfer's connection. :func:`handshakes` measures
 connection setup alone, full vs resumed, under emulated delay.
@@ -27,6 +29,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .client import Connection, TransferResult, connect
-from .errors import QsftpError, TransportError, UsageError
+from .errors import PacketLinkUnavailable, QsftpError, TransportError, UsageError
 from .netem import (
     DirectionStats,
     LinkEmulator,
@@ -52,6 +55,7 @@ from .netem import (
     StreamRelay,
     stream_relay_problems,
 )
+from .packetlink import LabServer, PacketLink, lab_server, lab_transfer, unavailable_reason
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, cpu_time, datagram_size_for
 from .tcp import default_congestion_control as tcp_default_congestion_control
 from .tickets import TicketCache
@@ -61,6 +65,7 @@ __all__ = [
     "HANDSHAKE_COLUMNS",
     "HANDSHAKE_MODES",
     "LINK_COLUMNS",
+    "LINK_MODES",
     "SCHEMA_VERSION",
     "Target",
     "cache_dir",
@@ -151,6 +156,10 @@ COLUMNS = [
 # transfer that resumes the TLS session of the previous one with its session ticket;
 # "reused": one connection per configuration, opened once and used for all its transfers.
 HANDSHAKE_MODES = ("fresh", "resumed", "reused")
+
+# How a row's transfer met its link (the ``link_mode`` column): "none" for a direct
+# connection, "relay" through the UDP LinkEmulator, "packet" through a PacketLink.
+LINK_MODES = ("none", "relay", "packet")
 
 # Added after COLUMNS when ``sweep(links=...)`` is given: the link's label and mode, both
 # directions' profiles and the emulator's seed (LinkEmulator.as_dict), then its counters for
@@ -458,7 +467,7 @@ def _row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS + LINK_COLUMNS if with_links else COLUMNS)
     if with_links:
-        row.update(link="direct", link_mode="direct")
+        row.update(link="direct", link_mode="none")
     row.update(
         run_id=run_id,
         direction=config.direction,
@@ -560,6 +569,31 @@ async def _measure(
     )
 
 
+async def _packet_lab(
+    stack: contextlib.AsyncExitStack,
+    link: _Link,
+    key: tuple[int | None, str | None, int | None],
+    *,
+    seed: int,
+    root: Path,
+    files: Mapping[str, Path],
+    transport: str = "quic",
+) -> tuple[PacketLink, LabServer]:
+    """A PacketLink and the server CLI in its server namespace, serving ``root``, where
+    ``files`` ({remote name: local file}) are placed first, for downloads (not measured)."""
+    for name, source in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, source, target)
+    packet_link = await stack.enter_async_context(
+        PacketLink(uplink=link.uplink, downlink=link.downlink, seed=seed)
+    )
+    server = await stack.enter_async_context(
+        lab_server(packet_link, root, max_datagram_size=key[0], transport=transport)
+    )
+    return packet_link, server
+
+
 def _absolute(path: str | os.PathLike[str]) -> Path:
     """``path`` made absolute against the working directory (no file-system access)."""
     return Path(os.path.abspath(path))
@@ -622,10 +656,46 @@ async def _record_link(emulator: LinkEmulator | StreamRelay, row: dict[str, Any]
         await emulator.wait_drained(_LINK_DRAIN_TIMEOUT)
     except TimeoutError:
         logger.warning("link %s still held packets after the transfer", emulator.label())
-    mode = "stream-relay" if isinstance(emulator, StreamRelay) else "udp-relay"
+    mode = "stream-relay" if isinstance(emulator, StreamRelay) else "relay"
     row.update(link=emulator.label(), link_mode=mode)
     row.update(emulator.as_dict())
     row.update(emulator.stats_dict())
+
+
+async def _measure_packet(
+    link: PacketLink,
+    server: LabServer,
+    config: _Config,
+    *,
+    local: Path,
+    remote: str,
+    row: dict[str, Any],
+) -> None:
+    """One transfer by the client CLI in ``link``'s client namespace; fills ``row``'s
+    result and link columns (the CLI reports no handshake, RTT, packet or CPU figures)."""
+    if config.transport == "tcp":  # the kernel's TCP in the client namespace
+        row["max_datagram_size"] = None
+        row["congestion_control"] = tcp_default_congestion_control()
+    else:
+        row["max_datagram_size"] = datagram_size_for(server.host, config.max_datagram_size)
+        row["congestion_control"] = DEFAULT_CONGESTION_CONTROL
+    result = await lab_transfer(
+        link,
+        local,
+        server=server,
+        direction=config.direction,
+        remote=remote,
+        chunk_size=config.chunk_size,
+        max_datagram_size=config.max_datagram_size if config.transport == "quic" else None,
+        transport=config.transport,
+    )
+    row.update(
+        {
+            key: result[key]
+            for key in ("timestamp", "seconds", "throughput_mbps", "sha256", "verified", "error")
+        }
+    )
+    row.update({key: result[key] for key in LINK_COLUMNS if key in result})
 
 
 def _progress_bar(total: int, *, enabled: bool) -> tqdm:
@@ -655,6 +725,7 @@ async def sweep(
     handshake: str | Sequence[str] = "fresh",
     qlog_dir: str | os.PathLike[str] | None = None,
     transport: str | Sequence[str] = "quic",
+    link_mode: str = "relay",
     warmup: bool = True,
     seed: int | None = None,
     file_seed: int = 0,
@@ -693,8 +764,16 @@ async def sweep(
     dimension; the embedded server then listens on both. Through a link a TCP transfer goes
     through a :class:`~qsftp.netem.StreamRelay`, which applies delay and rate but no packet
     impairment: a link with loss, jitter, reordering, duplication or corruption is a
-    UsageError for TCP. Rows say which carried them (``transport``, and ``link_mode``
-    "udp-relay" or "stream-relay").
+    UsageError for TCP, except with ``link_mode="packet"``.
+
+    ``link_mode="packet"`` (Linux, root) runs each link as a
+    :class:`~qsftp.packetlink.PacketLink` instead: the server CLI in one network namespace,
+    each transfer by the client CLI in another, every IP packet through the link. It needs
+    the embedded server (no ``target``), takes no ``congestion_control`` or
+    ``receive_window`` (the client CLI has no such options), and only ``handshake="fresh"``
+    without ``qlog_dir``; there TCP meets the same loss as QUIC, in the kernel. Rows say which
+    mode produced them in ``link_mode``: "none" (direct), "relay" (UDP datagrams, QUIC),
+    "stream-relay" (the TCP byte stream) or "packet".
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -713,10 +792,28 @@ async def sweep(
     if not modes or any(mode not in HANDSHAKE_MODES for mode in modes):
         raise UsageError(f"handshake must be one or more of {HANDSHAKE_MODES}, not {handshake!r}")
     qlog_root = _absolute(qlog_dir) if qlog_dir is not None else None
-    if "tcp" in transports:
+    if link_mode not in ("relay", "packet"):
+        raise UsageError(f"link_mode must be 'relay' or 'packet', not {link_mode!r}")
+    packet = link_mode == "packet" and any(link is not None for link in link_list)
+    if packet:
+        if target is not None:
+            raise UsageError("link_mode='packet' runs its own server in a namespace: no target")
+        if any(a is not None for a in algorithms) or any(w is not None for w in windows):
+            raise UsageError(
+                "link_mode='packet' takes no congestion_control or receive_window "
+                "(the client CLI has no such options)"
+            )
+        if modes != ["fresh"] or qlog_dir is not None:
+            raise UsageError(
+                "link_mode='packet' runs one client CLI per transfer: handshake='fresh' only, "
+                "and no qlog_dir"
+            )
+        if (reason := unavailable_reason()) is not None:
+            raise PacketLinkUnavailable(reason)
+    elif "tcp" in transports:
         _check_stream_links(link_list)
-        if "resumed" in modes:
-            raise UsageError("handshake='resumed' needs QUIC session tickets, not transport tcp")
+    if "tcp" in transports and "resumed" in modes:
+        raise UsageError("handshake='resumed' needs QUIC session tickets, not transport tcp")
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
         _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, h, t)
@@ -748,7 +845,8 @@ async def sweep(
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
             servers: dict[tuple[int | None, str | None, int | None], Target] = {}
-            for key in dict.fromkeys(c.server_key for c in configs):
+            # In packet mode the loopback servers serve the direct rows only.
+            for key in dict.fromkeys(c.server_key for c in configs if c.link is None or not packet):
                 if target is None:
                     server, _pid = await stack.enter_async_context(
                         _embedded_server(
@@ -764,17 +862,37 @@ async def sweep(
                 else:
                     servers[key] = _target(target)
 
+            def remote_name(size: int) -> str:
+                return f"qsftp-sweep/{size}-seed{file_seed}.bin"
+
             # One emulator per (server, link), in front of that server; seeds derived from the
             # shuffle seed, so the same seed repeats the same losses (as far as timing allows).
             # TCP transfers go through a stream relay of the same link instead.
             emulators: dict[tuple[Any, _Link, bool], LinkEmulator | StreamRelay] = {}
+            # Packet mode: one PacketLink per (server settings, link), its server CLI inside
+            # (listening with every transport of the sweep).
+            labs: dict[tuple[Any, _Link], tuple[PacketLink, LabServer]] = {}
             for index, (key, link, stream) in enumerate(
                 dict.fromkeys(
-                    (c.server_key, c.link, c.transport == "tcp")
+                    (c.server_key, c.link, c.transport == "tcp" and not packet)
                     for c in configs
                     if c.link is not None
                 )
             ):
+                link_seed = random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31)
+                if packet:
+                    labs[key, link] = await _packet_lab(
+                        stack,
+                        link,
+                        key,
+                        seed=link_seed,
+                        root=workdir / f"packet-root-{index}",
+                        files={remote_name(size): local[size] for size in byte_sizes}
+                        if "download" in directions[direction]
+                        else {},
+                        transport="both" if "tcp" in transports else "quic",
+                    )
+                    continue
                 server = servers[key]
                 relay = StreamRelay if stream else LinkEmulator
                 emulators[key, link, stream] = await stack.enter_async_context(
@@ -782,7 +900,7 @@ async def sweep(
                         (server.host, server.port),
                         uplink=link.uplink,
                         downlink=link.downlink,
-                        seed=random.Random(f"qsftp-link-{seed}-{index}").randrange(1 << 31),
+                        seed=link_seed,
                     )
                 )
 
@@ -804,9 +922,6 @@ async def sweep(
                     options=server.options,
                     embedded=server.embedded,
                 )
-
-            def remote_name(size: int) -> str:
-                return f"qsftp-sweep/{size}-seed{file_seed}.bin"
 
             # Downloads need the file on the server: put it there first (not measured, and
             # direct: never through an emulated link).
@@ -849,6 +964,17 @@ async def sweep(
                 plan += [(config, repeat, False) for config, repeat in order]
                 for config, repeat, is_warmup in plan:
                     row = _row(run_id, config, repeat, is_warmup, connection, with_links=with_links)
+                    if config.link is not None and packet:
+                        await _measure_packet(
+                            *labs[config.server_key, config.link],
+                            config,
+                            local=local[config.size],
+                            remote=remote_name(config.size),
+                            row=row,
+                        )
+                        rows.append(row)
+                        bar.update(1)
+                        continue
                     emulator = None
                     if config.link is not None:
                         stream = config.transport == "tcp"
@@ -889,8 +1015,12 @@ async def sweep(
         frame.attrs.update(
             links=[link.label() if link else "direct" for link in link_list],
             link_seeds={
-                f"{e.label()} → {e.target[0]}:{e.target[1]}": e.seed for e in emulators.values()
+                **{
+                    f"{e.label()} → {e.target[0]}:{e.target[1]}": e.seed for e in emulators.values()
+                },
+                **{f"{p.label()} → {p.server_ns}": p.seed for p, _ in labs.values()},
             },
+            link_mode=link_mode,
         )
     frame.attrs.update(
         run_id=run_id,
@@ -1195,6 +1325,7 @@ _CONFIG_COLUMNS = [
     "direction",
     "transport",
     "link",
+    "link_mode",
     "handshake",
     "file_size_bytes",
     "chunk_size_bytes",
@@ -1265,6 +1396,12 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--delay-ms", type=float, help="one-way delay, ms")
     link.add_argument("--loss", type=float, help="random loss probability, e.g. 0.01")
     link.add_argument("--rate-mbps", type=float, help="bottleneck rate, Mbit/s")
+    link.add_argument(
+        "--link-mode",
+        choices=["relay", "packet"],
+        default="relay",
+        help="relay: UDP LinkEmulator (default); packet: PacketLink (Linux, root)",
+    )
     parser.add_argument(
         "--handshake",
         nargs="+",
@@ -1359,6 +1496,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
                 links=links,
+                link_mode=args.link_mode,
                 handshake=args.handshake or "fresh",
                 qlog_dir=args.qlog_dir,
                 transport=args.transport,

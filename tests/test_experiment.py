@@ -496,7 +496,7 @@ def linked(tmp_path_factory: pytest.TempPathFactory, files_dir: Path) -> pd.Data
 
 
 def emulated(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["link_mode"] == "udp-relay"]
+    return df[df["link_mode"] == "relay"]
 
 
 def test_links_add_their_columns_after_the_base_ones(linked: pd.DataFrame) -> None:
@@ -515,7 +515,7 @@ def test_emulated_rows_carry_the_profile_and_direct_rows_leave_it_empty(
     through = emulated(linked)
     direct = linked[linked["link"] == "direct"]
     assert (through["link_up_delay_ms"] == 10).all() and (through["link_down_loss"] == 0.02).all()
-    assert (direct["link_mode"] == "direct").all()
+    assert (direct["link_mode"] == "none").all()
     assert direct[LINK_COLUMNS[2:]].isna().all().all()
     assert through["link_seed"].nunique() == 1  # one emulator, its seed recorded
 

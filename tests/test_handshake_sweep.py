@@ -137,7 +137,7 @@ def test_resumed_sweep_through_an_emulated_link_resumes() -> None:
     )
     assert (frame["error"] == "").all(), frame["error"].tolist()
     assert frame["session_resumed"].all()
-    assert (frame["link_mode"] == "udp-relay").all()
+    assert (frame["link_mode"] == "relay").all()
 
 
 def test_unknown_handshake_mode_is_a_usage_error() -> None:

@@ -56,6 +56,7 @@ def test_public_api_names() -> None:
         ("qsftp.errors", ["asyncio", "socket", "aioquic", "pandas"]),
         ("qsftp.fs", ["asyncio", "aioquic", "pandas"]),
         ("qsftp.netem", ["aioquic", "pandas", "matplotlib"]),
+        ("qsftp.packetlink", ["aioquic", "pandas", "matplotlib"]),
         ("qsftp.server", ["pandas", "matplotlib"]),
         ("qsftp.client", ["pandas", "matplotlib"]),
     ],

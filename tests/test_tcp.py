@@ -585,7 +585,7 @@ def test_a_sweep_over_both_transports_gives_a_transport_column(tmp_path: Path) -
     rows = measured(df)
     assert set(zip(rows["transport"], rows["link_mode"], rows["direction"], strict=True)) == {
         (t, mode, d)
-        for t, modes in (("quic", ("direct", "udp-relay")), ("tcp", ("direct", "stream-relay")))
+        for t, modes in (("quic", ("none", "relay")), ("tcp", ("none", "stream-relay")))
         for mode in modes
         for d in ("upload", "download")
     }
