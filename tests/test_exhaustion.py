@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -23,13 +22,18 @@ from pathlib import Path
 
 import pytest
 from aioquic.asyncio.client import connect as quic_connect
-from helpers import make_file, partials, run
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    run,
+    subprocess_env,
+)
 from test_hostile import _config, _open_session, _Raw
 
 import qsftp
 from qsftp import wire
 
-ROOT = Path(__file__).resolve().parents[1]
 # Peak RSS a server (or an uploading client) may reach in any of these tests. Measured peaks
 # on this machine are in docs/SECURITY.md; the bound leaves a wide margin above them, and an
 # unbounded buffer (a whole sparse file read into memory) would exceed it many times over.
@@ -37,24 +41,6 @@ RSS_BOUND_MB = 150
 SPARSE_SIZE = 1 << 30
 STREAMS = 2000
 _READY = re.compile(r"ready on [^,]*:(\d+),.* root .*, certificate sha256:([0-9a-f]{64})")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        QSFTP_STATE_DIR=str(tmp_path / "pstate"),
-        QSFTP_CONFIG_DIR=str(tmp_path / "pconfig"),
-        HOME=str(tmp_path),
-    )
-    return env
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -93,7 +79,7 @@ def _start(tmp_path: Path, *args: str, wrapper: list[str] | None = None) -> Serv
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=_env(tmp_path),
+        env=subprocess_env(tmp_path),
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -324,7 +310,7 @@ def _stalled_reader(server: ServerProcess, tmp_path: Path) -> None:
     out.mkdir()
     client = subprocess.Popen(
         [sys.executable, "-c", STALLED_CLIENT, "--get", "big", "-o", str(out), *_to(server)],
-        env=_env(tmp_path),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -356,7 +342,7 @@ def test_a_stalled_server_disk_bounds_the_uploading_client_and_the_server(tmp_pa
     ) as server:
         client = subprocess.Popen(
             [sys.executable, "-m", "qsftp.client", str(src), *_to(server)],
-            env=_env(tmp_path),
+            env=subprocess_env(tmp_path),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
