@@ -100,3 +100,24 @@ def start_server(tmp_path: Path, port: int, root: Path, *options: str) -> subpro
     assert server.stdout is not None
     assert "ready" in server.stdout.readline()
     return server
+
+
+def resumable_client(port: int, *args: str) -> list[str]:
+    """The command line of ``python -m qsftp.client ARGS`` with ``--resume --json`` to the
+    server on ``port``, in 1200-byte datagrams and 1024-byte chunks (slow enough to be cut
+    mid-transfer); its last output line is the JSON record."""
+    return [
+        sys.executable,
+        "-m",
+        "qsftp.client",
+        *args,
+        "--port",
+        str(port),
+        "--resume",
+        "--json",
+        "--insecure",
+        "--max-datagram-size",
+        "1200",
+        "--chunk-size",
+        "1024",
+    ]

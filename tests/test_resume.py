@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from helpers import (
     isolated_home,  # noqa: F401 (an autouse fixture)
     make_file,
     partials,
+    resumable_client,
     run,
     start_server,
     subprocess_env,
@@ -123,21 +123,7 @@ def _wait_for_partial(root: Path, at_least: int, timeout: float = 30) -> None:
 
 
 def _client(tmp_path: Path, src: Path, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "qsftp.client",
-        str(src),
-        "--port",
-        str(port),
-        "--resume",
-        "--json",
-        "--insecure",
-        "--max-datagram-size",
-        "1200",
-        "--chunk-size",
-        "1024",
-    ]
+    return resumable_client(port, str(src))
 
 
 def test_a_killed_client_leaves_no_final_file_and_a_rerun_resumes(tmp_path: Path) -> None:

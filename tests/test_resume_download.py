@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from helpers import (
     isolated_home,  # noqa: F401 (an autouse fixture)
     make_file,
     partials,
+    resumable_client,
     run,
     start_server,
     subprocess_env,
@@ -279,24 +279,7 @@ _SERVER_OPTIONS = ("--idle-timeout", "2")
 
 
 def _get(port: int, dest: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "qsftp.client",
-        "--get",
-        "big.bin",
-        "-o",
-        str(dest),
-        "--port",
-        str(port),
-        "--resume",
-        "--json",
-        "--insecure",
-        "--max-datagram-size",
-        "1200",
-        "--chunk-size",
-        "1024",
-    ]
+    return resumable_client(port, "--get", "big.bin", "-o", str(dest))
 
 
 def _wait_for_partial_of(dest: Path, at_least: int, timeout: float = 30) -> None:
