@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import socket
@@ -121,3 +122,19 @@ def resumable_client(port: int, *args: str) -> list[str]:
         "--chunk-size",
         "1024",
     ]
+
+
+def client_record(tmp_path: Path, command: list[str]) -> dict[str, Any]:
+    """Run a ``--json`` client command to its end (at most 120 s), check that it succeeded, and
+    return its record (the last line it printed)."""
+    done = subprocess.run(
+        command,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    record: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return record

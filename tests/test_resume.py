@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    client_record,
     free_udp_port,
     isolated_home,  # noqa: F401 (an autouse fixture)
     make_file,
@@ -143,16 +144,7 @@ def test_a_killed_client_leaves_no_final_file_and_a_rerun_resumes(tmp_path: Path
         client.wait(10)
         assert not (root / "big.bin").exists()
         held = max(p.stat().st_size for p in partials(root))
-        again = subprocess.run(
-            _client(tmp_path, src, port),
-            env=subprocess_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert again.returncode == 0, again.stderr
-        record = json.loads(again.stdout.splitlines()[-1])
+        record = client_record(tmp_path, _client(tmp_path, src, port))
         assert record["verified"] and record["resumed_bytes"] >= min(held, 4_000_000) - 1
         assert (root / "big.bin").read_bytes() == src.read_bytes()
         assert partials(root) == []

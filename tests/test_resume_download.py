@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    client_record,
     free_udp_port,
     isolated_home,  # noqa: F401 (an autouse fixture)
     make_file,
@@ -312,16 +313,7 @@ def test_a_killed_download_client_leaves_no_final_file_and_a_rerun_resumes(
         assert not dest.exists()
         held = _partial_size(dest)
         assert held >= SIZE // 2
-        again = subprocess.run(
-            _get(port, dest),
-            env=subprocess_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert again.returncode == 0, again.stderr
-        record = json.loads(again.stdout.splitlines()[-1])
+        record = client_record(tmp_path, _get(port, dest))
         assert record["verified"] and record["op"] == "download"
         assert record["resumed_bytes"] == held
         assert dest.read_bytes() == src.read_bytes()
