@@ -250,7 +250,25 @@ def _open_error(
     return _kind_error(name, st, want_dir=want_dir)
 
 
-class Root:
+class _ClosedOnExit:
+    """``with obj:`` calls ``obj.close()`` on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Root(_ClosedOnExit):
     """A directory that confines every name. Opens one O_DIRECTORY fd; close() / context manager.
 
     Every method takes an untrusted remote name, applies :func:`normalize_name` and walks it from
@@ -273,17 +291,6 @@ class Root:
 
     def __repr__(self) -> str:
         return f"Root({str(self.path)!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the root fd. Writers already created keep working."""
@@ -923,7 +930,7 @@ def partial_download_path(path: str | os.PathLike[str]) -> pathlib.Path:
     return final.with_name(f".{stem}{PARTIAL_SUFFIX}")
 
 
-class PartialDownload:
+class PartialDownload(_ClosedOnExit):
     """The hidden partial file of a resumable download (see the module docstring).
 
     Opening it takes an exclusive ``flock``, so two processes never append to one partial file.
@@ -1078,17 +1085,6 @@ class PartialDownload:
             fd, self._fd = self._fd, -1
             os.close(fd)  # also releases the lock
             os.close(self._dir_fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> int:
         if self._fd < 0:

@@ -26,6 +26,7 @@ unchanged. docs/NETWORK-LAB.md has examples, the counters, and the accuracy meas
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import collections
@@ -604,7 +605,91 @@ def _address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-class LinkEmulator:
+def _direction_profiles(
+    profile: LinkProfile | None,
+    uplink: LinkProfile | None,
+    downlink: LinkProfile | None,
+    shorthand: dict[str, Any],
+) -> tuple[LinkProfile, LinkProfile]:
+    """The (uplink, downlink) profiles a relay's keywords ask for: the profile fields given as
+    keywords, or ``profile``, for both directions; ``uplink=`` / ``downlink=`` override one."""
+    if shorthand and profile is not None:
+        raise UsageError("give either profile= or profile fields as keywords, not both")
+    if shorthand:
+        try:
+            profile = LinkProfile(**shorthand)
+        except TypeError:
+            known = {f.name for f in dataclasses.fields(LinkProfile)}
+            unknown = ", ".join(sorted(set(shorthand) - known))
+            raise UsageError(f"not a LinkProfile field: {unknown}") from None
+    base = profile if profile is not None else LinkProfile()
+    return (
+        uplink if uplink is not None else base,
+        downlink if downlink is not None else base,
+    )
+
+
+class _TwoWayLink(abc.ABC):
+    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
+    :class:`LinkProfile` per direction, whose label, columns and counters read the same way,
+    used with ``async with``. A subclass gives the profiles, the counters and the lifecycle."""
+
+    seed: int
+
+    @property
+    @abc.abstractmethod
+    def uplink(self) -> LinkProfile:
+        """The client → server profile."""
+
+    @property
+    @abc.abstractmethod
+    def downlink(self) -> LinkProfile:
+        """The server → client profile."""
+
+    @abc.abstractmethod
+    def stats(self) -> LinkStats:
+        """A snapshot of both directions' counters."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open the listening socket."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop and close every socket."""
+
+    def label(self) -> str:
+        """The profile's label, or ``up: …; down: …`` when the directions differ."""
+        if self.uplink == self.downlink:
+            return self.uplink.label()
+        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
+
+    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """Both profiles as flat columns: ``link_up_delay_ms``, ``link_down_delay_ms``, ..."""
+        return {
+            **self.uplink.as_dict(prefix + "up_"),
+            **self.downlink.as_dict(prefix + "down_"),
+            prefix + "seed": self.seed,
+        }
+
+    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
+        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
+        return self.stats().as_dict(prefix)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class LinkEmulator(_TwoWayLink):
     """A UDP relay to ``target`` that impairs each direction as its :class:`LinkProfile` says.
 
     ``LinkEmulator(target, delay_ms=25, loss=0.01)`` applies the keyword profile fields to both
@@ -627,16 +712,7 @@ class LinkEmulator:
         max_clients: int = MAX_CLIENTS,
         **shorthand: Any,
     ) -> None:
-        if shorthand and profile is not None:
-            raise UsageError("give either profile= or profile fields as keywords, not both")
-        if shorthand:
-            try:
-                profile = LinkProfile(**shorthand)
-            except TypeError:
-                known = {f.name for f in dataclasses.fields(LinkProfile)}
-                unknown = ", ".join(sorted(set(shorthand) - known))
-                raise UsageError(f"not a LinkProfile field: {unknown}") from None
-        base = profile if profile is not None else LinkProfile()
+        up, down = _direction_profiles(profile, uplink, downlink, shorthand)
         if not (_is_count(max_clients) and max_clients >= 1):
             raise UsageError(f"max_clients must be a positive integer, not {max_clients!r}")
         self.target = (str(target[0]), int(target[1]))
@@ -648,10 +724,8 @@ class LinkEmulator:
         self.port = port
         "The listening port (the real one once started)."
         self.max_clients = max_clients
-        self._up = LinkModel(uplink if uplink is not None else base, seed=seed, name="uplink")
-        self._down = LinkModel(
-            downlink if downlink is not None else base, seed=seed, name="downlink"
-        )
+        self._up = LinkModel(up, seed=seed, name="uplink")
+        self._down = LinkModel(down, seed=seed, name="downlink")
         self._flows: collections.OrderedDict[Any, _Flow] = collections.OrderedDict()
         self._listener: DatagramEndpoint | None = None
         self._pumps: list[_Pump] = []
@@ -687,20 +761,6 @@ class LinkEmulator:
     def downlink(self, profile: LinkProfile) -> None:
         self._down.profile = profile
 
-    def label(self) -> str:
-        """The profile's label, or ``up: …; down: …`` when the directions differ."""
-        if self.uplink == self.downlink:
-            return self.uplink.label()
-        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
-
-    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """Both profiles as flat columns: ``link_up_delay_ms``, ``link_down_delay_ms``, ..."""
-        return {
-            **self.uplink.as_dict(prefix + "up_"),
-            **self.downlink.as_dict(prefix + "down_"),
-            prefix + "seed": self.seed,
-        }
-
     # --- counters ---------------------------------------------------------------------------
 
     def stats(self) -> LinkStats:
@@ -712,10 +772,6 @@ class LinkEmulator:
             downlink=self._down.stats(host_dropped=down_host),
             clients=len(self._flows),
         )
-
-    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
-        return self.stats().as_dict(prefix)
 
     def rebind(self) -> int:
         """Give every client a new upstream socket, so the server sees it arrive from a new
@@ -789,18 +845,6 @@ class LinkEmulator:
         if self._listener is not None:
             self._listener.close()
         self._wake_drained()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_drained(self, timeout: float = 10.0) -> None:
         """Wait until no packet is in flight in either direction (or the link is closed)."""
@@ -943,7 +987,7 @@ class _StreamDirection:
         )
 
 
-class StreamRelay:
+class StreamRelay(_TwoWayLink):
     """A TCP relay to ``target`` that applies each direction's delay and rate to the byte
     stream: the counterpart of :class:`LinkEmulator` for qsftp/1 over TCP.
 
@@ -978,18 +1022,7 @@ class StreamRelay:
         port: int = 0,
         **shorthand: Any,
     ) -> None:
-        if shorthand and profile is not None:
-            raise UsageError("give either profile= or profile fields as keywords, not both")
-        if shorthand:
-            try:
-                profile = LinkProfile(**shorthand)
-            except TypeError:
-                known = {f.name for f in dataclasses.fields(LinkProfile)}
-                unknown = ", ".join(sorted(set(shorthand) - known))
-                raise UsageError(f"not a LinkProfile field: {unknown}") from None
-        base = profile if profile is not None else LinkProfile()
-        up = uplink if uplink is not None else base
-        down = downlink if downlink is not None else base
+        up, down = _direction_profiles(profile, uplink, downlink, shorthand)
         for name, direction in (("uplink", up), ("downlink", down)):
             problems = stream_relay_problems(direction)
             if problems:
@@ -1027,20 +1060,6 @@ class StreamRelay:
         """The server → client profile."""
         return self._down.profile
 
-    def label(self) -> str:
-        """The profile's label, or ``up: …; down: …`` when the directions differ."""
-        if self.uplink == self.downlink:
-            return self.uplink.label()
-        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
-
-    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """Both profiles as flat columns, as :meth:`LinkEmulator.as_dict`."""
-        return {
-            **self.uplink.as_dict(prefix + "up_"),
-            **self.downlink.as_dict(prefix + "down_"),
-            prefix + "seed": self.seed,
-        }
-
     def stats(self) -> LinkStats:
         """Counters in LinkEmulator's shape: "packets" are the relay's reads (at most
         STREAM_SEGMENT bytes); nothing is ever dropped; ``pending_packets`` is 1 while bytes
@@ -1048,10 +1067,6 @@ class StreamRelay:
         return LinkStats(
             uplink=self._up.stats(), downlink=self._down.stats(), clients=len(self._tasks)
         )
-
-    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """:meth:`stats` flattened for a DataFrame row."""
-        return self.stats().as_dict(prefix)
 
     def reset_stats(self) -> None:
         """Zero the counters (bytes in flight stay)."""
@@ -1078,18 +1093,6 @@ class StreamRelay:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_drained(self, timeout: float = 10.0) -> None:
         """Wait until no byte is in flight in either direction."""

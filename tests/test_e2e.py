@@ -10,20 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_file, partials, run, sha256
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    run,
+    sha256,
+)
 
 import qsftp
 from qsftp import fs, trust
 from qsftp.server import Limits
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Certificates and known hosts go to the test's own directory, never to ~."""
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-    monkeypatch.delenv("QSFTP_TOKEN", raising=False)
 
 
 @pytest.mark.parametrize(

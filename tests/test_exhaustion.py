@@ -12,24 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aioquic.asyncio.client import connect as quic_connect
-from helpers import make_file, partials, run
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    run,
+    subprocess_env,
+)
 from test_hostile import _config, _open_session, _Raw
 
 import qsftp
 from qsftp import wire
 
-ROOT = Path(__file__).resolve().parents[1]
 # Peak RSS a server (or an uploading client) may reach in any of these tests. Measured peaks
 # on this machine are in docs/SECURITY.md; the bound leaves a wide margin above them, and an
 # unbounded buffer (a whole sparse file read into memory) would exceed it many times over.
@@ -37,24 +41,6 @@ RSS_BOUND_MB = 150
 SPARSE_SIZE = 1 << 30
 STREAMS = 2000
 _READY = re.compile(r"ready on [^,]*:(\d+),.* root .*, certificate sha256:([0-9a-f]{64})")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        QSFTP_STATE_DIR=str(tmp_path / "pstate"),
-        QSFTP_CONFIG_DIR=str(tmp_path / "pconfig"),
-        HOME=str(tmp_path),
-    )
-    return env
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -93,7 +79,7 @@ def _start(tmp_path: Path, *args: str, wrapper: list[str] | None = None) -> Serv
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=_env(tmp_path),
+        env=subprocess_env(tmp_path),
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -307,6 +293,31 @@ def _wait_until(condition: object, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+def _served_beside_stalled_client(
+    server: ServerProcess,
+    tmp_path: Path,
+    command: list[str],
+    *,
+    stalled: Callable[[], bool],
+    waiting: str,
+) -> float:
+    """Start the client ``command``; once ``stalled()`` holds, and 2 s more, check that it is
+    still running (else fail with ``waiting``) and that another client is served meanwhile;
+    kill it. Returns its peak RSS, MB."""
+    client = subprocess.Popen(
+        command, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_until(stalled)
+        time.sleep(2)
+        assert client.poll() is None, waiting
+        run(lambda: _served(server, tmp_path, "during"))
+        return peak_rss_mb(client.pid)
+    finally:
+        client.kill()
+        client.wait(10)
+
+
 def test_a_client_that_stops_reading_large_downloads_leaves_server_memory_bounded(
     tmp_path: Path,
 ) -> None:
@@ -322,22 +333,14 @@ def _stalled_reader(server: ServerProcess, tmp_path: Path) -> None:
         _sparse(server.root / "big" / f"f{i}.bin")
     out = tmp_path / "stalled-out"
     out.mkdir()
-    client = subprocess.Popen(
+    client_rss = _served_beside_stalled_client(
+        server,
+        tmp_path,
         [sys.executable, "-c", STALLED_CLIENT, "--get", "big", "-o", str(out), *_to(server)],
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
         # Every download has its temporary file once its FILE arrived; then let them stall.
-        _wait_until(lambda: len(partials(out)) >= 16)
-        time.sleep(2)
-        assert client.poll() is None, "the stalled client must still be waiting"
-        run(lambda: _served(server, tmp_path, "during"))
-        client_rss = peak_rss_mb(client.pid)
-    finally:
-        client.kill()
-        client.wait(10)
+        stalled=lambda: len(partials(out)) >= 16,
+        waiting="the stalled client must still be waiting",
+    )
     print(f"\nstalled reader: client peak RSS {client_rss:.1f} MB")
     _check_bound(server, "16 stalled downloads of 1 GiB")
     run(lambda: _served(server, tmp_path, "after"))
@@ -354,21 +357,13 @@ def test_a_stalled_server_disk_bounds_the_uploading_client_and_the_server(tmp_pa
     with _server(
         tmp_path, "--idle-timeout", "3", "--free-space-reserve", "0", wrapper=wrapper
     ) as server:
-        client = subprocess.Popen(
+        client_rss = _served_beside_stalled_client(
+            server,
+            tmp_path,
             [sys.executable, "-m", "qsftp.client", str(src), *_to(server)],
-            env=_env(tmp_path),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stalled=lambda: partials(server.root) != [],
+            waiting="the upload must be waiting for the disk",
         )
-        try:
-            _wait_until(lambda: partials(server.root) != [])
-            time.sleep(2)
-            assert client.poll() is None, "the upload must be waiting for the disk"
-            run(lambda: _served(server, tmp_path, "during"))
-            client_rss = peak_rss_mb(client.pid)
-        finally:
-            client.kill()
-            client.wait(10)
         print(f"\nstalled disk: uploading client peak RSS {client_rss:.1f} MB")
         assert client_rss < RSS_BOUND_MB
         _check_bound(server, "stalled disk under a 1 GiB upload")

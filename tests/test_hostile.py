@@ -12,7 +12,7 @@ from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived, StreamReset
-from helpers import make_file, run
+from helpers import decode_all, make_file, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,15 +42,6 @@ class _Raw(QuicConnectionProtocol):
         await asyncio.wait_for(event.wait(), timeout)
 
 
-def _decode_all(data: bytes) -> list[wire.Message]:
-    decoder = wire.Decoder()
-    decoder.feed(data)
-    out = []
-    while (msg := decoder.next_message()) is not None:
-        out.append(msg)
-    return out
-
-
 async def _open_session(raw: _Raw) -> None:
     request = wire.encode(wire.ConnRequest(version=wire.PROTOCOL_VERSION))
     raw._quic.send_stream_data(0, request)
@@ -59,7 +50,7 @@ async def _open_session(raw: _Raw) -> None:
         if raw.received.get(0):
             break
         await asyncio.sleep(0.02)
-    assert isinstance(_decode_all(bytes(raw.received[0]))[0], wire.ConnAck)
+    assert isinstance(decode_all(bytes(raw.received[0]))[0], wire.ConnAck)
 
 
 def _config() -> QuicConfiguration:
@@ -100,7 +91,7 @@ def test_bad_bytes_on_an_operation_stream_get_bad_request_and_the_server_serves_
                 raw._quic.send_stream_data(4, payload, end_stream=True)
                 raw.transmit()
                 await raw.wait_ended(4)
-                answer = _decode_all(bytes(raw.received.get(4, b"")))
+                answer = decode_all(bytes(raw.received.get(4, b"")))
                 assert answer, "the server must answer, not just drop the stream"
                 assert isinstance(answer[-1], wire.Error)
                 assert answer[-1].code == ErrorCode.BAD_REQUEST

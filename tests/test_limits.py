@@ -14,21 +14,18 @@ from pathlib import Path
 import pytest
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.quic.configuration import QuicConfiguration
-from helpers import make_file, partials, run
+from helpers import (
+    ROOT,
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    run,
+)
 
 import qsftp
 from qsftp import fs
 from qsftp.server import Limits
 from qsftp.wire import ALPN
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
 
 
 def test_connections_beyond_the_limit_are_refused_busy(tmp_path: Path) -> None:

@@ -8,26 +8,25 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import make_file, partials, run
+from helpers import (
+    client_record,
+    free_udp_port,
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    resumable_client,
+    run,
+    start_server,
+    subprocess_env,
+)
 
 import qsftp
 from qsftp.client import resumable_upload_id
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
 
 
 def test_resumable_upload_of_a_fresh_file_is_verified_and_leaves_no_partial(
@@ -114,36 +113,6 @@ def test_a_partial_that_does_not_match_the_local_file_is_started_over(tmp_path: 
     assert partials(root) == []
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        QSFTP_STATE_DIR=str(tmp_path / "pstate"),
-        QSFTP_CONFIG_DIR=str(tmp_path / "pconfig"),
-        HOME=str(tmp_path),
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start_server(tmp_path: Path, port: int, root: Path) -> subprocess.Popen[str]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "qsftp.server", "--port", str(port), "--root", str(root)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=_env(tmp_path),
-    )
-    assert server.stdout is not None
-    assert "ready" in server.stdout.readline()
-    return server
-
-
 def _wait_for_partial(root: Path, at_least: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,47 +124,27 @@ def _wait_for_partial(root: Path, at_least: int, timeout: float = 30) -> None:
 
 
 def _client(tmp_path: Path, src: Path, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "qsftp.client",
-        str(src),
-        "--port",
-        str(port),
-        "--resume",
-        "--json",
-        "--insecure",
-        "--max-datagram-size",
-        "1200",
-        "--chunk-size",
-        "1024",
-    ]
+    return resumable_client(port, str(src))
 
 
 def test_a_killed_client_leaves_no_final_file_and_a_rerun_resumes(tmp_path: Path) -> None:
     root = tmp_path / "root"
     src = make_file(tmp_path / "big.bin", 24_000_000)
-    port = _free_port()
-    server = _start_server(tmp_path, port, root)
+    port = free_udp_port()
+    server = start_server(tmp_path, port, root)
     try:
         client = subprocess.Popen(
-            _client(tmp_path, src, port), env=_env(tmp_path), stdout=subprocess.PIPE, text=True
+            _client(tmp_path, src, port),
+            env=subprocess_env(tmp_path),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         _wait_for_partial(root, 4_000_000)
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         assert not (root / "big.bin").exists()
         held = max(p.stat().st_size for p in partials(root))
-        again = subprocess.run(
-            _client(tmp_path, src, port),
-            env=_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert again.returncode == 0, again.stderr
-        record = json.loads(again.stdout.splitlines()[-1])
+        record = client_record(tmp_path, _client(tmp_path, src, port))
         assert record["verified"] and record["resumed_bytes"] >= min(held, 4_000_000) - 1
         assert (root / "big.bin").read_bytes() == src.read_bytes()
         assert partials(root) == []
@@ -209,11 +158,11 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_upload_resumes(
 ) -> None:
     root = tmp_path / "root"
     src = make_file(tmp_path / "big.bin", 24_000_000)
-    port = _free_port()
-    server = _start_server(tmp_path, port, root)
+    port = free_udp_port()
+    server = start_server(tmp_path, port, root)
     client = subprocess.Popen(
         _client(tmp_path, src, port),
-        env=_env(tmp_path),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -223,7 +172,7 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_upload_resumes(
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert not (root / "big.bin").exists()
-        server = _start_server(tmp_path, port, root)
+        server = start_server(tmp_path, port, root)
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err
         record = json.loads(out.splitlines()[-1])

@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import make_file, partials, run
+from helpers import (
+    client_record,
+    free_udp_port,
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    resumable_client,
+    run,
+    start_server,
+    subprocess_env,
+)
 
 import qsftp
 from qsftp import fs
 from qsftp.netem import LinkEmulator, LinkProfile
 from qsftp.server import Limits
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
 
 
 def _exists(path: Path) -> bool:
@@ -277,56 +275,12 @@ def test_a_partial_whose_whole_file_digest_differs_is_removed_not_renamed(tmp_pa
 # --- real processes -------------------------------------------------------------------------
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        QSFTP_STATE_DIR=str(tmp_path / "pstate"),
-        QSFTP_CONFIG_DIR=str(tmp_path / "pconfig"),
-        HOME=str(tmp_path),
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start_server(tmp_path: Path, port: int, root: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "qsftp.server", "--port", str(port), "--root", str(root)]
-    server = subprocess.Popen(
-        [*command, "--idle-timeout", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=_env(tmp_path),
-    )
-    assert server.stdout is not None
-    assert "ready" in server.stdout.readline()
-    return server
+# A killed client's connection is given up quickly, as a restarted client would find it.
+_SERVER_OPTIONS = ("--idle-timeout", "2")
 
 
 def _get(port: int, dest: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "qsftp.client",
-        "--get",
-        "big.bin",
-        "-o",
-        str(dest),
-        "--port",
-        str(port),
-        "--resume",
-        "--json",
-        "--insecure",
-        "--max-datagram-size",
-        "1200",
-        "--chunk-size",
-        "1024",
-    ]
+    return resumable_client(port, "--get", "big.bin", "-o", str(dest))
 
 
 def _wait_for_partial_of(dest: Path, at_least: int, timeout: float = 30) -> None:
@@ -347,11 +301,11 @@ def test_a_killed_download_client_leaves_no_final_file_and_a_rerun_resumes(
     root = tmp_path / "root"
     src = make_file(root / "big.bin", SIZE)
     dest = tmp_path / "out.bin"
-    port = _free_port()
-    server = _start_server(tmp_path, port, root)
+    port = free_udp_port()
+    server = start_server(tmp_path, port, root, *_SERVER_OPTIONS)
     try:
         client = subprocess.Popen(
-            _get(port, dest), env=_env(tmp_path), stdout=subprocess.DEVNULL, text=True
+            _get(port, dest), env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, text=True
         )
         _wait_for_partial_of(dest, SIZE // 2)
         client.send_signal(signal.SIGKILL)
@@ -359,16 +313,7 @@ def test_a_killed_download_client_leaves_no_final_file_and_a_rerun_resumes(
         assert not dest.exists()
         held = _partial_size(dest)
         assert held >= SIZE // 2
-        again = subprocess.run(
-            _get(port, dest),
-            env=_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert again.returncode == 0, again.stderr
-        record = json.loads(again.stdout.splitlines()[-1])
+        record = client_record(tmp_path, _get(port, dest))
         assert record["verified"] and record["op"] == "download"
         assert record["resumed_bytes"] == held
         assert dest.read_bytes() == src.read_bytes()
@@ -384,11 +329,11 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_download_resumes(
     root = tmp_path / "root"
     src = make_file(root / "big.bin", SIZE)
     dest = tmp_path / "out.bin"
-    port = _free_port()
-    server = _start_server(tmp_path, port, root)
+    port = free_udp_port()
+    server = start_server(tmp_path, port, root, *_SERVER_OPTIONS)
     client = subprocess.Popen(
         _get(port, dest),
-        env=_env(tmp_path),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -398,7 +343,7 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_download_resumes(
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert not dest.exists()
-        server = _start_server(tmp_path, port, root)
+        server = start_server(tmp_path, port, root, *_SERVER_OPTIONS)
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err
         record = json.loads(out.splitlines()[-1])

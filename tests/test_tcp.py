@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_file, partials, run, sha256
+from helpers import (
+    decode_all,
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    partials,
+    run,
+    sha256,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cli import ServerFactory, isolated_env, run_client
@@ -32,15 +39,6 @@ from qsftp.errors import (
 from qsftp.netem import LinkProfile, StreamRelay
 from qsftp.server import Limits
 from qsftp.tcp import Frame, FrameDecoder, FrameKind, encode_frame
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-    monkeypatch.delenv("QSFTP_TOKEN", raising=False)
-
 
 # --- the frame codec (no sockets) -------------------------------------------------------------
 
@@ -432,19 +430,10 @@ def test_an_oversize_request_header_fails_that_operation_only(tmp_path: Path) ->
 
     frames = run(body)
     answer = b"".join(f.payload for f in frames if f.stream_id == 4 and f.kind <= 1)
-    (error,) = [m for m in _decode(answer) if isinstance(m, wire.Error)]
+    (error,) = [m for m in decode_all(answer) if isinstance(m, wire.Error)]
     assert error.code == ErrorCode.BAD_REQUEST
     listing = b"".join(f.payload for f in frames if f.stream_id == 8 and f.kind <= 1)
-    assert isinstance(_decode(listing)[-1], wire.Done)
-
-
-def _decode(data: bytes) -> list[wire.Message]:
-    decoder = wire.Decoder()
-    decoder.feed(data)
-    out = []
-    while (msg := decoder.next_message()) is not None:
-        out.append(msg)
-    return out
+    assert isinstance(decode_all(listing)[-1], wire.Done)
 
 
 def test_limits_apply_over_tcp(tmp_path: Path) -> None:
@@ -483,7 +472,7 @@ def test_max_operations_answers_busy_over_tcp(tmp_path: Path) -> None:
 
     def answer(frames: list[Frame], stream_id: int) -> list[wire.Message]:
         data = (f.payload for f in frames if f.stream_id == stream_id and f.kind <= 1)
-        return _decode(b"".join(data))
+        return decode_all(b"".join(data))
 
     async def body() -> list[Frame]:
         async with qsftp.serve(tmp_path / "root", transport="tcp", limits=limits) as server:

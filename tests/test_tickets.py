@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 from aioquic.tls import CipherSuite, SessionTicket
-from helpers import make_file, run, sha256
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    make_file,
+    run,
+    sha256,
+)
 
 import qsftp
 from qsftp import trust
@@ -33,14 +38,6 @@ from qsftp.tickets import (
 FP_A = "ab" * 32
 FP_B = "cd" * 32
 HOST, PORT = "127.0.0.1", 5000
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Certificates, known hosts and ticket files go to the test's own directory."""
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
 
 
 def _session_ticket(
