@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 import stat
 import sys
 import time
@@ -28,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from tqdm import tqdm
 
 from . import __version__, fs, trust
+from .engine import DEFAULT_ENGINE, ENGINES, Engine, get_engine
 from .errors import (
     AuthFailed,
     BadPath,
@@ -165,6 +163,8 @@ class TransferResult:
     "closes; None: no qlog."
     resumed_bytes: int = 0
     "Bytes the server already held from an earlier attempt (resume=True), not sent again."
+    engine: str = DEFAULT_ENGINE
+    "QUIC library of this side: ``aioquic`` or ``qh3``."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -183,7 +183,7 @@ class _ClientProtocol(QsftpProtocol):
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any = None,
         *,
         batch: set[QsftpProtocol] | None = None,
@@ -235,7 +235,7 @@ class Connection:
         handshake_ms: float,
         session_ms: float,
         server: str,
-        configuration: QuicConfiguration,
+        configuration: Any,
     ) -> None:
         self._protocol = protocol
         self.host = host
@@ -246,7 +246,9 @@ class Connection:
         self.session_ms = session_ms
         self.server = server
         self.max_datagram_size = configuration.max_datagram_size
-        self.congestion_control = configuration.congestion_control_algorithm
+        self.engine = protocol.engine.name
+        "QUIC library of this side: ``aioquic`` or ``qh3``."
+        self.congestion_control = protocol.engine.congestion_control(configuration)
         self.receive_window = configuration.max_stream_data
         writer = configuration.quic_logger
         self.qlog_path: str | None = (
@@ -317,6 +319,7 @@ class Connection:
             started_at=started_at,
             qlog_path=self.qlog_path,
             resumed_bytes=resumed_bytes,
+            engine=self.engine,
         )
 
     async def upload(
@@ -659,27 +662,23 @@ def client_configuration(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
-) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 client; ``qlog_dir`` (created) receives qlog files."""
-    configuration = QuicConfiguration(
+    engine: str | Engine | None = None,
+) -> Any:
+    """The QUIC settings of a qsftp/1 client (a ``QuicConfiguration`` of the engine's
+    library); ``qlog_dir`` (created) receives qlog files."""
+    quic_engine = get_engine(engine)
+    configuration = quic_engine.configuration(
         is_client=True,
-        alpn_protocols=[ALPN],
+        alpn=ALPN,
         server_name=host,
-        verify_mode=ssl.CERT_NONE,
         max_stream_data=receive_window or RECEIVE_WINDOW,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
     )
-    if max_datagram_size is not None:
-        configuration.max_datagram_size = max_datagram_size
-    if congestion_control is not None:
-        configuration.congestion_control_algorithm = congestion_control
     if cafile is not None:
-        configuration.verify_mode = ssl.CERT_REQUIRED
-        try:
-            configuration.load_verify_locations(cafile=os.fspath(cafile))
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise LocalFileError(f"cannot load CA file {cafile}: {exc}") from exc
+        quic_engine.load_verify_locations(configuration, os.fspath(cafile))
     if qlog_dir is not None:
-        configuration.quic_logger = QlogWriter(qlog_dir)
+        configuration.quic_logger = QlogWriter(qlog_dir, engine=quic_engine)
     return configuration
 
 
@@ -717,8 +716,12 @@ async def connect(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
+    engine: str | Engine = DEFAULT_ENGINE,
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
+
+    ``engine`` is the QUIC library of this side, ``"aioquic"`` or ``"qh3"``
+    (``pip install qsftp[qh3]``); either talks to a server running either.
 
     ``receive_window`` is the flow-control credit, in bytes, a stream may run ahead of what
     this side has written to disk (default RECEIVE_WINDOW, 2 MiB): it bounds memory per
@@ -731,6 +734,8 @@ async def connect(
         raise UsageError("--insecure cannot be combined with --pin or --cafile")
     if pin is not None:
         pin = trust.normalize_fingerprint(pin)
+    quic_engine = get_engine(engine)
+    quic_engine.warm()
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -744,8 +749,9 @@ async def connect(
         congestion_control=congestion_control,
         receive_window=receive_window,
         qlog_dir=qlog_dir,
+        engine=quic_engine,
     )
-    quic = QuicConnection(configuration=configuration)
+    quic = quic_engine.connection(configuration)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -755,7 +761,7 @@ async def connect(
         sock.close()
         raise TransportError(f"cannot reach {host}:{port}: {exc.strerror}") from exc
     batch: set[QsftpProtocol] = set()
-    protocol = _ClientProtocol(quic, batch=batch)
+    protocol = quic_engine.protocol_class(_ClientProtocol)(quic, batch=batch)
     transport = DatagramEndpoint(
         sock,
         receive=protocol.datagram_received,
@@ -914,6 +920,7 @@ async def upload_striped(
         started_at=started_at,
         connections=len(connections),
         qlog_path=first.qlog_path,
+        engine=first.engine,
     )
 
 
@@ -1059,6 +1066,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-datagram-size", type=int, help="QUIC datagram size, bytes")
     parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=DEFAULT_ENGINE,
+        help="QUIC library: aioquic (default) or qh3 (pip install qsftp[qh3])",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="resumable uploads: continue an interrupted upload; reconnect if the link drops",
@@ -1192,6 +1205,7 @@ async def _cli_main(cli: _Cli) -> None:
         "timeout": args.timeout,
         "max_datagram_size": args.max_datagram_size,
         "qlog_dir": args.qlog_dir,
+        "engine": args.engine,
     }
     if args.connections < 1:
         raise UsageError("--connections must be at least 1")

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .client import connect
+from .engine import engine_name, get_engine
 from .errors import QsftpError, TransportError, UsageError
 from .netem import DirectionStats, LinkEmulator, LinkProfile, LinkStats
 from .session import DEFAULT_CHUNK_SIZE, RECEIVE_WINDOW, datagram_size_for
@@ -107,6 +108,7 @@ COLUMNS = [
     "max_datagram_size",
     "congestion_control",
     "receive_window_bytes",
+    "engine",
     "connection",
     "repeat",
     "warmup",
@@ -216,11 +218,12 @@ async def _embedded_server(
     max_datagram_size: int | None,
     congestion_control: str | None,
     receive_window: int | None = None,
+    engine: str | None = None,
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
     and PID, and ends it (by its PID) afterwards."""
     name = "-".join(
-        str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
+        str(v or "default") for v in (max_datagram_size, congestion_control, receive_window, engine)
     )
     root, state = workdir / f"root-{name}", workdir / f"state-{name}"
     command = [
@@ -242,6 +245,8 @@ async def _embedded_server(
         command += ["--congestion-control", congestion_control]
     if receive_window is not None:
         command += ["--receive-window", str(receive_window)]
+    if engine is not None:
+        command += ["--engine", engine]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -300,6 +305,7 @@ def collect_metadata() -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "qsftp_version": __version__,
         "aioquic_version": _version("aioquic"),
+        "qh3_version": _version("qh3"),
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "pandas_version": pd.__version__,
@@ -379,11 +385,12 @@ class _Config:
     congestion_control: str | None
     receive_window: int | None = None
     link: _Link | None = None
+    engine: str | None = None
 
     @property
-    def server_key(self) -> tuple[int | None, str | None, int | None]:
+    def server_key(self) -> tuple[int | None, str | None, int | None, str | None]:
         """The settings an embedded server is started with."""
-        return (self.max_datagram_size, self.congestion_control, self.receive_window)
+        return (self.max_datagram_size, self.congestion_control, self.receive_window, self.engine)
 
 
 def _row(
@@ -406,6 +413,7 @@ def _row(
         max_datagram_size=config.max_datagram_size,
         congestion_control=config.congestion_control,
         receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
+        engine=engine_name(config.engine),
         connection=connection,
         repeat=repeat,
         warmup=warmup,
@@ -431,7 +439,11 @@ async def _measure(
     # The settings in effect, also for a row that fails before a connection reports them,
     # so failed and successful transfers of one configuration group together.
     row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
-    row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
+    row["congestion_control"] = config.congestion_control or (
+        DEFAULT_CONGESTION_CONTROL
+        if engine_name(config.engine) == "aioquic"
+        else get_engine(config.engine).congestion_controls[0]
+    )
     options = dict(target.options)
     if config.max_datagram_size is not None:
         options["max_datagram_size"] = config.max_datagram_size
@@ -439,6 +451,8 @@ async def _measure(
         options["congestion_control"] = config.congestion_control
     if config.receive_window is not None:
         options["receive_window"] = config.receive_window
+    if config.engine is not None:
+        options["engine"] = config.engine
     try:
         async with connect(target.host, target.port, **options) as conn:
             software.add(conn.server)
@@ -470,6 +484,7 @@ async def _measure(
         server_cpu_s=result.server_cpu_s,
         max_datagram_size=result.max_datagram_size,
         congestion_control=result.congestion_control,
+        engine=result.engine,
         cpu_bound=seconds > 0
         and max(result.client_cpu_s, result.server_cpu_s) > CPU_BOUND_SHARE * seconds,
     )
@@ -506,6 +521,7 @@ async def sweep(
     max_datagram_size: int | Sequence[int | None] | None = None,
     congestion_control: str | Sequence[str | None] | None = None,
     receive_window: int | Sequence[int | None] | None = None,
+    engine: str | Sequence[str | None] | None = None,
     links: LinkProfile
     | tuple[LinkProfile, LinkProfile]
     | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
@@ -522,7 +538,9 @@ async def sweep(
     ``(host, port, {connect options})``, a mapping with host/port/options, or None for an
     embedded server in a child process. ``max_datagram_size``, ``congestion_control`` and
     ``receive_window`` (flow-control window per stream, bytes, both sides) may be lists: they
-    become dimensions. The shuffle ``seed`` (random when None) is stored in
+    become dimensions. ``engine`` ("aioquic", the default, or "qh3"; a list is a dimension) is
+    the client's QUIC library, and the embedded server's: rows carry it as ``engine``. The
+    shuffle ``seed`` (random when None) is stored in
     ``df.attrs`` so a run can be repeated in the same order.
 
     ``links`` makes emulated links a dimension too: a :class:`~qsftp.netem.LinkProfile` (both
@@ -542,13 +560,24 @@ async def sweep(
     datagrams = _as_list(max_datagram_size)
     algorithms = _as_list(congestion_control)
     windows = _as_list(receive_window)
+    engines = _as_list(engine)
+    for name in engines:
+        if name is not None:
+            get_engine(name)  # an unknown or missing engine fails here, not in every row
     with_links = links is not None
     link_list = _links(links)
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
-        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k)
-        for d, s, c, m, a, w, k in itertools.product(
-            directions[direction], byte_sizes, chunks, datagrams, algorithms, windows, link_list
+        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, e)
+        for d, s, c, m, a, w, k, e in itertools.product(
+            directions[direction],
+            byte_sizes,
+            chunks,
+            datagrams,
+            algorithms,
+            windows,
+            link_list,
+            engines,
         )
     ]
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -564,7 +593,7 @@ async def sweep(
     with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
-            servers: dict[tuple[int | None, str | None, int | None], Target] = {}
+            servers: dict[tuple[int | None, str | None, int | None, str | None], Target] = {}
             for key in dict.fromkeys(c.server_key for c in configs):
                 if target is None:
                     server, _pid = await stack.enter_async_context(
@@ -573,6 +602,7 @@ async def sweep(
                             max_datagram_size=key[0],
                             congestion_control=key[1],
                             receive_window=key[2],
+                            engine=key[3],
                         )
                     )
                     servers[key] = server
@@ -604,7 +634,7 @@ async def sweep(
                 for key, server in servers.items():
                     for size in byte_sizes:
                         setup = _row(run_id, configs[0], -1, True, connection)
-                        cfg = _Config("upload", size, DEFAULT_CHUNK_SIZE, *key)
+                        cfg = _Config("upload", size, DEFAULT_CHUNK_SIZE, *key[:3], engine=key[3])
                         await _measure(
                             server,
                             cfg,
@@ -763,6 +793,7 @@ _CONFIG_COLUMNS = [
     "max_datagram_size",
     "congestion_control",
     "receive_window_bytes",
+    "engine",
 ]
 
 
@@ -813,6 +844,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-datagram-size", type=int, nargs="+", help="QUIC datagram sizes")
     parser.add_argument(
         "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
+    )
+    parser.add_argument(
+        "--engine", nargs="+", choices=["aioquic", "qh3"], help="QUIC libraries (aioquic)"
     )
     link = parser.add_argument_group(
         "emulated link", "any of these adds one emulated link (both directions) next to direct"
@@ -867,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=target,
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
+                engine=args.engine,
                 links=links,
                 seed=args.seed,
                 progress=not args.no_progress,

@@ -22,11 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from aioquic.asyncio.server import QuicServer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-
 from . import __version__, fs, trust
+from .engine import DEFAULT_ENGINE, ENGINES, Engine, get_engine
 from .errors import (
     BadRequest,
     ChecksumMismatch,
@@ -143,8 +140,13 @@ class QsftpServer:
         certfile: Path,
         fingerprint: str,
         limits: Limits,
+        engine: Engine,
     ) -> None:
         self.root = root
+        self.engine = engine.name
+        "QUIC library of this server: ``aioquic`` or ``qh3``."
+        self._engine = engine
+        self._protocol_class = engine.protocol_class(_ServerProtocol)
         self.certfile = certfile
         self.fingerprint = fingerprint
         self.limits = limits
@@ -155,7 +157,7 @@ class QsftpServer:
         self._tasks: asyncio.TaskGroup | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._quic: QuicServer | None = None
+        self._quic: Any = None  # the engine's QuicServer
         self._batch: set[QsftpProtocol] = set()
         self._qlog: QlogWriter | None = None
 
@@ -168,14 +170,14 @@ class QsftpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> QsftpProtocol:
-        return _ServerProtocol(quic, stream_handler, server=self, batch=self._batch)
+    def _create_protocol(self, quic: Any, stream_handler: Any = None) -> QsftpProtocol:
+        return self._protocol_class(quic, stream_handler, server=self, batch=self._batch)
 
     async def _listen(
         self,
         host: str,
         port: int,
-        configuration: QuicConfiguration,
+        configuration: Any,
         *,
         reuse_port: bool,
         retry: bool,
@@ -196,8 +198,9 @@ class QsftpServer:
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        # retry: QUIC address validation, one extra round trip before any state is kept.
-        quic = QuicServer(
+        # retry: QUIC address validation, one extra round trip before any state is kept
+        # (always on with qh3, whose handshake with aioquic clients needs it).
+        quic = self._engine.server(
             configuration=configuration, create_protocol=self._create_protocol, retry=retry
         )
         endpoint = DatagramEndpoint(
@@ -205,7 +208,7 @@ class QsftpServer:
             receive=quic.datagram_received,
             after_batch=lambda: transmit_batch(self._batch),
         )
-        quic.connection_made(endpoint)  # type: ignore[arg-type]
+        quic.connection_made(endpoint)
         self._quic = quic
         if isinstance(configuration.quic_logger, QlogWriter):
             self._qlog = configuration.quic_logger
@@ -261,7 +264,7 @@ class _ServerProtocol(QsftpProtocol):
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any,
         *,
         server: QsftpServer,
@@ -304,7 +307,8 @@ class _ServerProtocol(QsftpProtocol):
                     self._reject(ErrorCode.BUSY, "too many connections; try again later")
                 else:
                     self.server.sessions.add(self)
-                    qsftp.accept_session(server=f"{_SERVER_NAME} ({loop_name()})")
+                    engine = self.engine.name
+                    qsftp.accept_session(server=f"{_SERVER_NAME} ({loop_name()}, {engine})")
             case TerminateReceived():
                 self.server.sessions.discard(self)  # the session is over: free its slot now
                 if qsftp.control_state is ControlState.CLIENT_CLOSING:
@@ -383,8 +387,7 @@ class _ServerProtocol(QsftpProtocol):
         if self.terminated is not None:
             return
         self.qsftp.send_error(stream_id, code, message)
-        stream = self._quic._streams.get(stream_id)
-        if stream is not None and not stream.receiver.is_finished:
+        if not self.receive_finished(stream_id):
             self._stop_receiving(stream_id)  # the client may still be sending: tell it to stop
 
     async def _put(self, channel: Channel, request: PutRequested) -> None:
@@ -539,24 +542,22 @@ def server_configuration(
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
-) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 server; ``qlog_dir`` (created) receives qlog files."""
-    configuration = QuicConfiguration(
+    engine: str | Engine | None = None,
+) -> Any:
+    """The QUIC settings of a qsftp/1 server (a ``QuicConfiguration`` of the engine's
+    library); ``qlog_dir`` (created) receives qlog files."""
+    quic_engine = get_engine(engine)
+    configuration = quic_engine.configuration(
         is_client=False,
-        alpn_protocols=[ALPN],
+        alpn=ALPN,
         idle_timeout=idle_timeout,
         max_stream_data=receive_window or RECEIVE_WINDOW,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
     )
-    if max_datagram_size is not None:
-        configuration.max_datagram_size = max_datagram_size
-    if congestion_control is not None:
-        configuration.congestion_control_algorithm = congestion_control
     if qlog_dir is not None:
-        configuration.quic_logger = QlogWriter(qlog_dir)
-    try:
-        configuration.load_cert_chain(certfile, keyfile)
-    except (OSError, ValueError) as exc:
-        raise LocalFileError(f"cannot load certificate {certfile} / key {keyfile}: {exc}") from exc
+        configuration.quic_logger = QlogWriter(qlog_dir, engine=quic_engine)
+    quic_engine.load_cert_chain(configuration, certfile, keyfile)
     return configuration
 
 
@@ -578,6 +579,7 @@ async def serve(
     receive_window: int | None = None,
     reuse_port: bool = False,
     qlog_dir: str | os.PathLike[str] | None = None,
+    engine: str | Engine = DEFAULT_ENGINE,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
@@ -587,12 +589,16 @@ async def serve(
     ``allow_anonymous`` is set. ``reuse_port`` sets SO_REUSEPORT so that several server
     processes can share one port (``python -m qsftp.server --workers N``). ``qlog_dir``
     (created if missing) receives one qlog trace per connection, ``<ODCID>.qlog``, written
-    when the connection ends or the server stops.
+    when the connection ends or the server stops. ``engine`` is the QUIC library,
+    ``"aioquic"`` or ``"qh3"`` (``pip install qsftp[qh3]``; it always uses Retry); clients of
+    either engine can connect.
     """
     if not token and not allow_anonymous and not is_loopback(host):
         _refuse_anonymous(host)
     if (cert is None) != (key is None):
         raise UsageError("give both a certificate and its key, or neither")
+    quic_engine = get_engine(engine)
+    quic_engine.warm()
     if cert is None or key is None:
         certfile, keyfile = trust.ensure_self_signed(Path(state_dir) if state_dir else None)
     else:
@@ -605,6 +611,7 @@ async def serve(
         max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
         qlog_dir=qlog_dir,
+        engine=quic_engine,
     )
     fingerprint = trust.fingerprint(trust.load_certificate(certfile))
     with fs.Root(root) as root_dir:
@@ -614,6 +621,7 @@ async def serve(
             certfile=certfile,
             fingerprint=fingerprint,
             limits=limits,
+            engine=quic_engine,
         )
         await server._listen(host, port, configuration, reuse_port=reuse_port, retry=retry)
         ready = asyncio.get_running_loop().create_future()
@@ -649,6 +657,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=DEFAULT_ENGINE,
+        help="QUIC library: aioquic (default) or qh3 (pip install qsftp[qh3])",
     )
     parser.add_argument(
         "--receive-window", type=int, metavar="BYTES", help="flow-control window per stream"
@@ -707,6 +721,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         reuse_port=args.reuse_port,
         retry=args.retry,
         qlog_dir=args.qlog_dir,
+        engine=args.engine,
         limits=Limits(
             max_file_size=args.max_file_size,
             max_connections=args.max_connections,
