@@ -107,7 +107,7 @@ def quic_configuration(
     return configuration
 
 
-# --- bare aioquic -----------------------------------------------------------------------------
+# --- bare engines (aioquic, qh3) -------------------------------------------------------------
 
 
 @cache
