@@ -60,6 +60,7 @@ from .protocol import (
     Role,
     StreamAborted,
 )
+from .reset import is_stateless_reset
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -526,8 +527,16 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        if self.role is Role.CLIENT and is_stateless_reset(
+            data, (self._quic._peer_cid.stateless_reset_token,)
+        ):
+            # The server no longer knows this connection (qsftp.reset): end it now rather
+            # than at the idle timeout, so a resumable transfer reconnects at once.
+            self._abort_connection("stateless reset from the server (restarted?)")
+            return
         # Under a batching endpoint (qsftp.udp) the transmit waits for the end of the batch.
-        self._quic.receive_datagram(data, addr, now=time.monotonic())  # type: ignore[arg-type]
+        self._quic.receive_datagram(data, addr, now=time.monotonic())
         self._process_events()
         if self.batch is None:
             self.transmit()
@@ -561,8 +570,12 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         # fail at once instead of waiting for the handshake to time out.
         logger.debug("socket error: %s", exc)
         self.transport_error = exc if isinstance(exc, OSError) else OSError(str(exc))
+        self._abort_connection(str(exc))
+
+    def _abort_connection(self, reason: str) -> None:
+        """End the connection at once, without a CONNECTION_CLOSE: the peer is gone."""
         self._quic._close_event = quic_events.ConnectionTerminated(
-            error_code=0, frame_type=None, reason_phrase=str(exc)
+            error_code=0, frame_type=None, reason_phrase=reason
         )
         self._quic._close_end()
         self._process_events()
