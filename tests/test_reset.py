@@ -102,10 +102,10 @@ def test_a_client_of_a_restarted_server_learns_at_its_next_packet(
     monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
     port = _free_port()
     servers = [_server(tmp_path, port)]
-    fingerprint = trust.fingerprint(trust.load_certificate(tmp_path / "state" / "server-cert.pem"))
 
     async def body() -> str:
-        async with qsftp.connect("127.0.0.1", port, pin=fingerprint) as conn:
+        certificate = trust.load_certificate(tmp_path / "state" / "server-cert.pem")
+        async with qsftp.connect("127.0.0.1", port, pin=trust.fingerprint(certificate)) as conn:
             await conn.stat("")
             if restart:  # before the client sends anything more: no ICMP error to notice
                 servers[0].send_signal(signal.SIGKILL)
