@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .errors import LocalFileError, UsageError
 
 if TYPE_CHECKING:
+    from .reset import StatelessReset
     from .session import QsftpProtocol
 
 __all__ = [
@@ -93,6 +94,8 @@ class Engine:
     "What ``datagrams_to_send`` may raise without the connection being over."
     observes_transmit: bool = False
     "True when :meth:`on_transmit` must run after every transmit (counters the library lacks)."
+    derives_reset_tokens: bool = False
+    "True when :meth:`adopt_reset_tokens` works: a restarted server's resets are recognised."
     gone_stream_errors: tuple[type[Exception], ...] = (ValueError,)
     "What ``reset_stream`` / ``stop_stream`` raise for a stream the library already forgot."
 
@@ -248,6 +251,15 @@ class Engine:
         """End the connection at once, without a CONNECTION_CLOSE (the socket failed)."""
         raise NotImplementedError
 
+    def adopt_reset_tokens(self, quic: Any, reset: StatelessReset) -> None:
+        """Server: give the new connection ``quic`` stateless reset tokens derived by
+        ``reset`` instead of the library's random ones (no-op where that cannot be done)."""
+
+    def peer_reset_token(self, quic: Any) -> bytes | None:
+        """Client: the stateless reset token the server gave for the connection ID in use,
+        or None when the library does not tell."""
+        return None
+
     def abort_stream(self, quic: Any, stream_id: int, error_code: int) -> None:
         """Reset ``stream_id`` and stop the peer's sending on it; nothing if the library
         has already forgotten the stream."""
@@ -273,6 +285,7 @@ class AioquicEngine(Engine):
 
     name = "aioquic"
     congestion_controls = ("reno", "cubic")
+    derives_reset_tokens = True
     # A STREAM frame's length is written as a 2-byte varint: 16415 and above break.
     max_datagram_size = 16414
 
@@ -422,6 +435,13 @@ class AioquicEngine(Engine):
 
         cert = getattr(quic.tls, "_peer_certificate", None)
         return None if cert is None else bytes(cert.public_bytes(Encoding.DER))
+
+    def adopt_reset_tokens(self, quic: Any, reset: StatelessReset) -> None:
+        reset.adopt(quic)  # wraps aioquic's _replenish_connection_ids (qsftp.reset)
+
+    def peer_reset_token(self, quic: Any) -> bytes | None:
+        token = quic._peer_cid.stateless_reset_token
+        return None if token is None else bytes(token)
 
     def receive_finished(self, protocol: QsftpProtocol, stream_id: int) -> bool:
         """Also True for a stream aioquic has discarded (both halves over)."""
@@ -648,6 +668,15 @@ class Qh3Engine(Engine):
     def peer_certificate(self, quic: Any) -> bytes | None:
         cert = quic.get_peercert()
         return None if cert is None else bytes(cert.public_bytes())
+
+    def peer_reset_token(self, quic: Any) -> bytes | None:
+        """The token of the server's first connection ID, from its transport parameters: a
+        qh3 client keeps using that ID (no migration), and the Rust core keeps later tokens
+        to itself. (The server side cannot derive tokens: its first token is drawn in qh3's
+        TLS bridge and later ones in the core, so :meth:`adopt_reset_tokens` is a no-op.)"""
+        parameters = getattr(quic, "_applied_transport_parameters", None)
+        token = getattr(parameters, "stateless_reset_token", None)
+        return None if token is None else bytes(token)
 
     def receive_finished(self, protocol: QsftpProtocol, stream_id: int) -> bool:
         """qh3 does not expose its streams: the glue's record of the FIN or RESET_STREAM it

@@ -56,6 +56,7 @@ from .protocol import (
     TerminateReceived,
     UploadEnded,
 )
+from .reset import StatelessReset
 from .session import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -159,6 +160,7 @@ class QsftpServer:
         self._protocol_class = engine.protocol_class(_ServerProtocol)
         self.certfile = certfile
         self._keyfile = keyfile
+        self._reset = StatelessReset.from_key_file(keyfile)
         self.fingerprint = fingerprint
         self.limits = limits
         self.sessions: set[SessionBase] = set()
@@ -187,7 +189,23 @@ class QsftpServer:
         return f"{host}:{self.port}"
 
     def _create_protocol(self, quic: Any, stream_handler: Any = None) -> QsftpProtocol:
+        self._engine.adopt_reset_tokens(quic, self._reset)
         return self._protocol_class(quic, stream_handler, server=self, batch=self._batch)
+
+    def _datagram_received(self, data: bytes, addr: Any) -> None:
+        """Every datagram for the QUIC port: a short-header packet for a connection this
+        process does not know (it restarted, or the connection ended) gets a stateless reset;
+        the rest goes to the QUIC library. Only for engines whose tokens are derived
+        (:attr:`Engine.derives_reset_tokens`): other tokens a restart cannot recompute."""
+        quic = self._quic
+        assert quic is not None
+        cid_length = quic._configuration.connection_id_length
+        if data and not data[0] & 0x80 and data[1 : 1 + cid_length] not in quic._protocols:
+            reset = self._reset.packet_for(data, cid_length)
+            if reset is not None and quic._transport is not None:
+                quic._transport.sendto(reset, addr)
+            return
+        quic.datagram_received(data, addr)
 
     async def _listen(
         self,
@@ -226,7 +244,11 @@ class QsftpServer:
         )
         endpoint = DatagramEndpoint(
             sock,
-            receive=quic.datagram_received,
+            receive=(
+                self._datagram_received
+                if self._engine.derives_reset_tokens
+                else quic.datagram_received
+            ),
             after_batch=lambda: transmit_batch(self._batch),
         )
         quic.connection_made(endpoint)

@@ -64,6 +64,7 @@ from .protocol import (
     Role,
     StreamAborted,
 )
+from .reset import is_stateless_reset
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -539,8 +540,16 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
             event = quic.next_event()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        if self.role is Role.CLIENT and is_stateless_reset(
+            data, (self.engine.peer_reset_token(self._quic),)
+        ):
+            # The server no longer knows this connection (qsftp.reset): end it now rather
+            # than at the idle timeout, so a resumable transfer reconnects at once.
+            self._abort_connection("stateless reset from the server (restarted?)")
+            return
         # Under a batching endpoint (qsftp.udp) the transmit waits for the end of the batch.
-        self._quic.receive_datagram(data, addr, now=time.monotonic())  # type: ignore[arg-type]
+        self._quic.receive_datagram(data, addr, now=time.monotonic())
         self._process_events()
         if self.batch is None:
             self.transmit()
@@ -580,7 +589,11 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         # fail at once instead of waiting for the handshake to time out.
         logger.debug("socket error: %s", exc)
         self.transport_error = exc if isinstance(exc, OSError) else OSError(str(exc))
-        self.engine.abort(self._quic, str(exc))
+        self._abort_connection(str(exc))
+
+    def _abort_connection(self, reason: str) -> None:
+        """End the connection at once, without a CONNECTION_CLOSE: the peer is gone."""
+        self.engine.abort(self._quic, reason)
         self._process_events()
 
     # --- streams ----------------------------------------------------------------------------
