@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RSS_BOUND_MB = 150
 SPARSE_SIZE = 1 << 30
 STREAMS = 2000
-_READY = re.compile(r"ready on [^,]*:(\d+), root .*, certificate sha256:([0-9a-f]{64})")
+_READY = re.compile(r"ready on [^,]*:(\d+),.* root .*, certificate sha256:([0-9a-f]{64})")
 
 
 @pytest.fixture(autouse=True)
