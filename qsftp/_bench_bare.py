@@ -1,11 +1,11 @@
-"""The reference transfers of ``python -m qsftp.bench``: bare aioquic and asyncio TCP + TLS.
+"""The reference transfers of ``python -m qsftp.bench``: bare QUIC engines and TCP + TLS.
 
-Nothing here knows qsftp/1. The bare QUIC transfer uses aioquic's own asyncio layer
-(``aioquic.asyncio.serve`` / ``connect``, :class:`QuicConnectionProtocol` and its stream
-reader/writer) with the QUIC settings the QSFTP case uses, so its figure is the engine ceiling
-the QSFTP figures are compared with. The one thing added to aioquic is a send high-water mark:
-aioquic's ``drain()`` never blocks, and without a bound the client would queue the whole file in
-the stream's send buffer.
+Nothing here knows qsftp/1. The bare QUIC transfer uses the engine's own asyncio layer
+(``serve`` / ``connect``, ``QuicConnectionProtocol`` and its stream reader/writer) of aioquic
+or of qh3 (``engine="qh3"``, its GSO/GRO transport on the client) with the QUIC settings the
+QSFTP case uses, so its figure is the engine ceiling the QSFTP figures are compared with. The
+one thing added is a send high-water mark: neither library's ``drain()`` ever blocks, and
+without a bound the client would queue the whole file in the stream's send buffer.
 
 Both servers read and discard (no disk, no hash) and answer one byte once the whole file has
 arrived; both clients time from the start of the transfer to that answer.
@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import signal
 import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
-
-from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import serve
-from aioquic.quic import events as quic_events
-from aioquic.quic.configuration import QuicConfiguration
 
 __all__ = [
     "ALPN",
@@ -81,71 +77,110 @@ def quic_configuration(
     congestion_control: str | None,
     certfile: Path | None = None,
     keyfile: Path | None = None,
-) -> QuicConfiguration:
-    """aioquic defaults plus the two settings the bench varies, as the QSFTP glue sets them."""
-    configuration = QuicConfiguration(
-        is_client=is_client, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
-    )
+    engine: str = "aioquic",
+) -> Any:
+    """The engine's defaults plus the two settings the bench varies, as the QSFTP glue sets
+    them (qh3: CUBIC only, and no path-MTU probing, so the datagram size stays as chosen)."""
+    if engine == "qh3":
+        from qh3.quic.configuration import QuicConfiguration as Qh3Configuration  # noqa: PLC0415
+
+        if congestion_control not in (None, "cubic"):
+            raise ValueError(f"qh3 has no congestion control {congestion_control!r}")
+        configuration: Any = Qh3Configuration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            verify_mode=ssl.CERT_NONE,
+            probe_datagram_size=False,
+        )
+    else:
+        from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
+
+        configuration = QuicConfiguration(
+            is_client=is_client, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
+        )
+        if congestion_control is not None:
+            configuration.congestion_control_algorithm = congestion_control
     if max_datagram_size is not None:
         configuration.max_datagram_size = max_datagram_size
-    if congestion_control is not None:
-        configuration.congestion_control_algorithm = congestion_control
     if certfile is not None and keyfile is not None:
         configuration.load_cert_chain(certfile, keyfile)
     return configuration
 
 
-# --- bare aioquic -----------------------------------------------------------------------------
+# --- bare engines (aioquic, qh3) -------------------------------------------------------------
 
 
-class _BareClientProtocol(QuicConnectionProtocol):
-    """aioquic's protocol plus a send high-water mark and handshake timestamps."""
+@cache
+def _library(engine: str) -> tuple[Any, Any, Any]:
+    """The engine's ``(connect, serve, bare client protocol class)``."""
+    package = "qh3" if engine == "qh3" else "aioquic"
+    connect = importlib.import_module(f"{package}.asyncio.client").connect
+    serve = importlib.import_module(f"{package}.asyncio.server").serve
+    events = importlib.import_module(f"{package}.quic.events")
+    base: Any = importlib.import_module(f"{package}.asyncio.protocol").QuicConnectionProtocol
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._writable: asyncio.Future[None] | None = None
-        self._stream_id = -1
-        self.connect_started = 0.0
-        self.handshake_done = 0.0
-
-    def connect(self, addr: Any, transmit: bool = True) -> None:
-        # The same window as QSFTP's handshake_ms: from the first Initial to HandshakeCompleted.
-        self.connect_started = time.perf_counter()
-        super().connect(addr, transmit=transmit)
-
-    def quic_event_received(self, event: quic_events.QuicEvent) -> None:
-        if isinstance(event, quic_events.HandshakeCompleted) and not self.handshake_done:
-            self.handshake_done = time.perf_counter()
-        elif isinstance(event, quic_events.ConnectionTerminated):
-            self._wake()
-        super().quic_event_received(event)
-
-    def _buffered(self) -> int:
-        stream = self._quic._streams.get(self._stream_id)
+    def buffered(quic: Any, stream_id: int) -> int:
+        if engine == "qh3":  # bytes not yet sent once
+            return int(quic.get_send_buffer_size(stream_id))
+        stream = quic._streams.get(stream_id)  # bytes not yet acknowledged
         return len(stream.sender._buffer) if stream is not None else 0
 
-    def _wake(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+    class BareClientProtocol(base):  # type: ignore[misc]
+        """The engine's protocol plus a send high-water mark and handshake timestamps."""
 
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
-        # Acknowledgements arrive in datagrams: that is when the send buffer shrinks.
-        if self._writable is not None and self._buffered() < SEND_HIGH_WATER // 2:
-            self._wake()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._writable: asyncio.Future[None] | None = None
+            self._stream_id = -1
+            self.connect_started = 0.0
+            self.handshake_done = 0.0
 
-    async def wait_writable(self, stream_id: int) -> None:
-        """Wait while ``stream_id`` has SEND_HIGH_WATER or more bytes unacknowledged."""
-        self._stream_id = stream_id
-        while self._buffered() >= SEND_HIGH_WATER:
-            if self._closed.is_set():
-                raise ConnectionError("connection closed while sending")
-            self._writable = self._loop.create_future()
-            try:
-                async with asyncio.timeout(IDLE_TIMEOUT):
-                    await self._writable
-            finally:
-                self._writable = None
+        def connect(self, addr: Any, **kwargs: Any) -> None:
+            # The same window as QSFTP's handshake_ms: the first Initial to HandshakeCompleted.
+            self.connect_started = time.perf_counter()
+            super().connect(addr, **kwargs)
+
+        def quic_event_received(self, event: Any) -> None:
+            if isinstance(event, events.HandshakeCompleted) and not self.handshake_done:
+                self.handshake_done = time.perf_counter()
+            elif isinstance(event, events.ConnectionTerminated):
+                self._wake()
+            super().quic_event_received(event)
+
+        def _buffered(self) -> int:
+            return buffered(self._quic, self._stream_id)
+
+        def _wake(self) -> None:
+            if self._writable is not None and not self._writable.done():
+                self._writable.set_result(None)
+
+        def _acks_arrived(self) -> None:
+            # Acknowledgements arrive in datagrams: that is when the send buffer shrinks.
+            if self._writable is not None and self._buffered() < SEND_HIGH_WATER // 2:
+                self._wake()
+
+        def datagram_received(self, data: bytes | str, addr: Any) -> None:
+            super().datagram_received(data, addr)
+            self._acks_arrived()
+
+        def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+            super().datagrams_received(data, addr)  # qh3's batched (GRO) path
+            self._acks_arrived()
+
+        async def wait_writable(self, stream_id: int) -> None:
+            """Wait while ``stream_id`` has SEND_HIGH_WATER or more bytes buffered."""
+            self._stream_id = stream_id
+            while self._buffered() >= SEND_HIGH_WATER:
+                if self._closed.is_set():
+                    raise ConnectionError("connection closed while sending")
+                self._writable = self._loop.create_future()
+                try:
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        await self._writable
+                finally:
+                    self._writable = None
+
+    return connect, serve, BareClientProtocol
 
 
 async def bare_upload(
@@ -155,18 +190,22 @@ async def bare_upload(
     *,
     max_datagram_size: int | None,
     congestion_control: str | None,
+    engine: str = "aioquic",
 ) -> TransferTiming:
-    """Send ``path`` on one stream of a new bare aioquic connection; time it to the answer."""
+    """Send ``path`` on one stream of a new bare connection; time it to the answer."""
     configuration = quic_configuration(
-        is_client=True, max_datagram_size=max_datagram_size, congestion_control=congestion_control
+        is_client=True,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
+        engine=engine,
     )
+    connect, _, client_class = _library(engine)
     # connect() returns after HandshakeCompleted; the worker bounds the whole call.
     # (wait_connected=False would defer the first Initial: aioquic then sends a PING-only
     # probe first, which the server rejects for carrying no CRYPTO frame.)
     async with connect(
-        host, port, configuration=configuration, create_protocol=_BareClientProtocol
+        host, port, configuration=configuration, create_protocol=client_class
     ) as client:
-        assert isinstance(client, _BareClientProtocol)
         size = 0
         # Page-cache reads of 64 KiB on the loop: part of the sender's work, as in QSFTP.
         with open(path, "rb") as file:  # noqa: ASYNC230
@@ -195,19 +234,21 @@ async def bare_handshakes(
     *,
     max_datagram_size: int | None,
     congestion_control: str | None,
+    engine: str = "aioquic",
 ) -> list[float]:
     """``count`` sequential bare connections; each one's Initial → HandshakeCompleted, in ms."""
+    connect, _, client_class = _library(engine)
     samples: list[float] = []
     for _ in range(count):
         configuration = quic_configuration(
             is_client=True,
             max_datagram_size=max_datagram_size,
             congestion_control=congestion_control,
+            engine=engine,
         )
         async with connect(
-            host, port, configuration=configuration, create_protocol=_BareClientProtocol
+            host, port, configuration=configuration, create_protocol=client_class
         ) as client:
-            assert isinstance(client, _BareClientProtocol)
             samples.append((client.handshake_done - client.connect_started) * 1000.0)
     return samples
 
@@ -228,15 +269,18 @@ async def serve_bare(
     max_datagram_size: int | None,
     congestion_control: str | None,
     ready: Callable[[str, int], None],
+    engine: str = "aioquic",
 ) -> None:
-    """A bare aioquic server that discards every stream; runs until SIGTERM or SIGINT."""
+    """A bare server of ``engine`` that discards every stream; runs until SIGTERM or SIGINT."""
     configuration = quic_configuration(
         is_client=False,
         max_datagram_size=max_datagram_size,
         congestion_control=congestion_control,
         certfile=certfile,
         keyfile=keyfile,
+        engine=engine,
     )
+    _, serve, _ = _library(engine)
     handlers: set[asyncio.Task[None]] = set()
 
     def on_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -24,6 +24,11 @@ The cases:
 - ``small-files``: N files of 4 KiB over one QSFTP connection (concurrent streams), over one
   QSFTP connection per file, and with ``sftp -b`` (when sshd is available).
 - ``handshake``: QSFTP's time to first byte (handshake + session) and a bare aioquic handshake.
+
+``--engine aioquic qh3`` runs every QUIC case (QSFTP, bare, small files, handshakes) once per
+engine, both ends on that engine: aioquic's rows keep their names, qh3's carry a ``-qh3``
+suffix (``qsftp-up-qh3``, ``bare-qh3`` …, the bare one on qh3's own asyncio layer). A datagram
+size above an engine's ceiling (aioquic: 16414) runs only on the engines that carry it.
 """
 
 from __future__ import annotations
@@ -58,11 +63,12 @@ from pathlib import Path
 from typing import Any
 
 import qsftp
+from qsftp.engine import ENGINES, get_engine
 
 __all__ = ["CASES", "SCHEMA_VERSION", "Measurement", "Summary", "main"]
 
-# Bumped whenever a CSV column or a meta field changes meaning.
-SCHEMA_VERSION = 1
+# Bumped whenever a CSV column or a meta field changes meaning (2: the engine column).
+SCHEMA_VERSION = 2
 # The cases --cases chooses from, in the order each repeat runs them.
 CASES = (
     "qsftp-up",
@@ -82,9 +88,11 @@ DEFAULT_REPEATS = 3
 # The largest datagram a 1500-byte MTU carries over IPv6 (and IPv4): a real network's ceiling.
 DEFAULT_DATAGRAM_SIZE = 1452
 # QUIC's minimum, and aioquic's maximum: it writes a STREAM frame's length as a 2-byte varint,
-# so larger datagrams fail with FRAME_ENCODING_ERROR (docs/PERFORMANCE.md).
+# so larger datagrams fail with FRAME_ENCODING_ERROR (docs/PERFORMANCE.md). qh3's ceiling is
+# what loopback carries (qsftp.engine); sizes above aioquic's run on qh3 only.
 MIN_DATAGRAM_SIZE = 1200
 MAX_DATAGRAM_SIZE = 16414
+DEFAULT_ENGINES = ("aioquic",)
 DEFAULT_SMALL_FILES = 1000
 SMALL_FILE_SIZE = 4096
 # Uploads in flight at once on the one-connection small-files case: well below aioquic's 128
@@ -155,6 +163,8 @@ class Measurement:
     "Row of the table: a case, or one of its variants (small-qsftp-1conn, handshake-bare...)."
     max_datagram_size: int | None
     "QUIC max_datagram_size, bytes; None for TCP and SSH."
+    engine: str | None
+    "QUIC library of both ends (``aioquic`` or ``qh3``); None for TCP and SSH."
     repeat: int
     "Round of the interleaved order, from 0."
     index: int
@@ -736,6 +746,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cert", type=Path)
     parser.add_argument("--max-datagram-size", type=int)
     parser.add_argument("--congestion-control")
+    parser.add_argument("--engine", default="aioquic", choices=ENGINES)
     parser.add_argument("--file", type=Path)
     parser.add_argument("--name")
     parser.add_argument("--dest", type=Path)
@@ -752,6 +763,7 @@ def _qsftp_options(args: argparse.Namespace) -> dict[str, Any]:
         "pin": args.pin,
         "max_datagram_size": args.max_datagram_size,
         "congestion_control": args.congestion_control,
+        "engine": args.engine,
     }
 
 
@@ -825,6 +837,7 @@ async def _reference_worker(args: argparse.Namespace) -> dict[str, Any]:
             args.count,
             max_datagram_size=args.max_datagram_size,
             congestion_control=args.congestion_control,
+            engine=args.engine,
         )
         return {"samples_ms": samples}
     if args.kind == "bare":
@@ -834,6 +847,7 @@ async def _reference_worker(args: argparse.Namespace) -> dict[str, Any]:
             args.file,
             max_datagram_size=args.max_datagram_size,
             congestion_control=args.congestion_control,
+            engine=args.engine,
         )
     else:
         timing = await ref.tcp_tls_upload(args.host, args.port, args.file, certfile=args.cert)
@@ -893,6 +907,7 @@ def _server_main(argv: list[str]) -> int:
     parser.add_argument("--key", type=Path)
     parser.add_argument("--max-datagram-size", type=int)
     parser.add_argument("--congestion-control")
+    parser.add_argument("--engine", default="aioquic", choices=ENGINES)
     args = parser.parse_args(argv)
     _install_loop(args.loop)
     from . import _bench_bare as ref  # noqa: PLC0415
@@ -906,6 +921,7 @@ def _server_main(argv: list[str]) -> int:
             max_datagram_size=args.max_datagram_size,
             congestion_control=args.congestion_control,
             ready=ref.print_ready,
+            engine=args.engine,
         )
     else:
         coro = ref.serve_tcp_tls(
@@ -931,11 +947,13 @@ class _Run:
     certfile: Path
     keyfile: Path
     timeout: float
-    qsftp_servers: dict[int, ServerProcess] = field(default_factory=dict)
-    bare_servers: dict[tuple[int, str], ServerProcess] = field(default_factory=dict)
+    qsftp_servers: dict[tuple[int, str], ServerProcess] = field(default_factory=dict)
+    "By (datagram size, engine)."
+    bare_servers: dict[tuple[int, str, str], ServerProcess] = field(default_factory=dict)
+    "By (datagram size, event loop, engine)."
     tcp_server: ServerProcess | None = None
     ssh: SshSetup | None = None
-    server_says: dict[int, str] = field(default_factory=dict)
+    server_says: dict[tuple[int, str], str] = field(default_factory=dict)
     "What each QSFTP server answered as its name (it includes its event loop)."
     small_dir: Path | None = None
     small_size: int = 0
@@ -961,11 +979,25 @@ class _Run:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def quic_options(self, dgram: int) -> list[str]:
-        options = ["--max-datagram-size", str(dgram)]
-        if self.args.congestion_control:
+    def quic_options(self, dgram: int, engine: str = "aioquic") -> list[str]:
+        options = ["--max-datagram-size", str(dgram), "--engine", engine]
+        # qh3 runs CUBIC only: a --congestion-control choice applies to aioquic's rows.
+        if self.args.congestion_control and engine == "aioquic":
             options += ["--congestion-control", self.args.congestion_control]
         return options
+
+
+def series_name(base: str, engine: str | None) -> str:
+    """The table row of case ``base`` on ``engine``: aioquic's keep the case's name."""
+    return base if engine in (None, "aioquic") else f"{base}-{engine}"
+
+
+def _split_series(series: str) -> tuple[str, str | None]:
+    """``(case, engine)`` of a table row (engine None: aioquic, or not a QUIC row)."""
+    for engine in ENGINES:
+        if engine != "aioquic" and series.endswith(f"-{engine}"):
+            return series[: -len(engine) - 1], engine
+    return series, None
 
 
 def _now_iso() -> str:
@@ -983,13 +1015,15 @@ def _record(
     unit: str,
     size_bytes: int,
     files: int,
+    engine: str | None = None,
 ) -> list[Measurement]:
     """Run ``call`` (one worker) while metering ``server``; one Measurement per sample."""
     started_at = _now_iso()
     base: dict[str, Any] = {
         "run_id": run.run_id,
-        "series": series,
+        "series": series_name(series, engine),
         "max_datagram_size": dgram,
+        "engine": engine,
         "repeat": repeat,
         "started_at": started_at,
         "unit": unit,
@@ -1062,11 +1096,13 @@ def _record(
     ]
 
 
-def _qsftp_transfer(run: _Run, case: str, dgram: int, repeat: int) -> list[Measurement]:
-    server = run.qsftp_servers[dgram]
+def _qsftp_transfer(
+    run: _Run, case: str, dgram: int, engine: str, repeat: int
+) -> list[Measurement]:
+    server = run.qsftp_servers[dgram, engine]
     assert server.root is not None
     common = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
-    common += run.quic_options(dgram)
+    common += run.quic_options(dgram, engine)
     if case == "qsftp-up":
         name = f"up-{repeat}-{uuid.uuid4().hex[:6]}.bin"
         extra = [*common, "--file", str(run.file), "--name", name]
@@ -1085,13 +1121,14 @@ def _qsftp_transfer(run: _Run, case: str, dgram: int, repeat: int) -> list[Measu
             unit="MB/s",
             size_bytes=run.size,
             files=1,
+            engine=engine,
         )
     finally:
         cleanup.unlink(missing_ok=True)
 
 
-def _bare_transfer(run: _Run, loop: str, dgram: int, repeat: int) -> list[Measurement]:
-    server = run.bare_servers[(dgram, loop)]
+def _bare_transfer(run: _Run, loop: str, dgram: int, engine: str, repeat: int) -> list[Measurement]:
+    server = run.bare_servers[dgram, loop, engine]
     extra = ["--host", server.host, "--port", str(server.port), "--file", str(run.file)]
     return _record(
         run,
@@ -1099,10 +1136,11 @@ def _bare_transfer(run: _Run, loop: str, dgram: int, repeat: int) -> list[Measur
         dgram,
         repeat,
         server=server,
-        call=lambda: run.worker("bare", *extra, *run.quic_options(dgram), loop=loop),
+        call=lambda: run.worker("bare", *extra, *run.quic_options(dgram, engine), loop=loop),
         unit="MB/s",
         size_bytes=run.size,
         files=1,
+        engine=engine,
     )
 
 
@@ -1177,13 +1215,14 @@ def _small_timeout(run: _Run) -> float:
     return BASE_TIMEOUT + PER_FILE_TIMEOUT * int(run.args.small_files)
 
 
-def _small_qsftp(run: _Run, series: str, dgram: int, repeat: int) -> list[Measurement]:
-    server = run.qsftp_servers[dgram]
+def _small_qsftp(run: _Run, series: str, dgram: int, engine: str, repeat: int) -> list[Measurement]:
+    server = run.qsftp_servers[dgram, engine]
     assert server.root is not None and run.small_dir is not None
     remote_dir = f"{series}-{repeat}-{uuid.uuid4().hex[:6]}"
     kind = "small-1conn" if series == "small-qsftp-1conn" else "small-per-file"
     extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
-    extra += [*run.quic_options(dgram), "--dir", str(run.small_dir), "--remote-dir", remote_dir]
+    extra += [*run.quic_options(dgram, engine), "--dir", str(run.small_dir)]
+    extra += ["--remote-dir", remote_dir]
     extra += ["--concurrency", str(run.args.small_concurrency)]
     try:
         return _record(
@@ -1196,6 +1235,7 @@ def _small_qsftp(run: _Run, series: str, dgram: int, repeat: int) -> list[Measur
             unit="files/s",
             size_bytes=run.small_size,
             files=run.args.small_files,
+            engine=engine,
         )
     finally:
         shutil.rmtree(server.root / remote_dir, ignore_errors=True)
@@ -1228,14 +1268,14 @@ def _small_sftp(run: _Run, repeat: int) -> list[Measurement]:
         shutil.rmtree(remote_dir, ignore_errors=True)
 
 
-def _handshakes(run: _Run, series: str, dgram: int, repeat: int) -> list[Measurement]:
+def _handshakes(run: _Run, series: str, dgram: int, engine: str, repeat: int) -> list[Measurement]:
     if series == "handshake-qsftp":
-        server = run.qsftp_servers[dgram]
+        server = run.qsftp_servers[dgram, engine]
         extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
     else:
-        server = run.bare_servers[(dgram, run.args.loop)]
+        server = run.bare_servers[dgram, _bare_loops(run.args.loop, engine)[-1], engine]
         extra = ["--host", server.host, "--port", str(server.port)]
-    extra += [*run.quic_options(dgram), "--count", str(run.args.handshakes)]
+    extra += [*run.quic_options(dgram, engine), "--count", str(run.args.handshakes)]
     kind = series
     limit = BASE_TIMEOUT + PER_FILE_TIMEOUT * run.args.handshakes
     return _record(
@@ -1248,26 +1288,30 @@ def _handshakes(run: _Run, series: str, dgram: int, repeat: int) -> list[Measure
         unit="ms",
         size_bytes=0,
         files=0,
+        engine=engine,
     )
 
 
 def _plan(run: _Run) -> list[tuple[str, Callable[[int], list[Measurement]]]]:
     """One round of the interleaved order: (label, measure(repeat)) in the order they run."""
     cases = run.args.cases
-    dgrams: list[int] = run.args.datagram_size
     plan: list[tuple[str, Callable[[int], list[Measurement]]]] = []
 
     def add(label: str, fn: Callable[[int], list[Measurement]]) -> None:
         plan.append((label, fn))
 
-    for dgram in dgrams:
+    for dgram, engine in _quic_settings(run):
         for case in ("qsftp-up", "qsftp-down"):
             if case in cases:
-                add(f"{case} @{dgram}", functools.partial(_qsftp_transfer, run, case, dgram))
+                label = f"{series_name(case, engine)} @{dgram}"
+                add(label, functools.partial(_qsftp_transfer, run, case, dgram, engine))
         if "bare" in cases:
-            for loop in _bare_loops(run.args.loop):
-                series = "bare" if loop == "asyncio" else f"bare-{loop}"
-                add(f"{series} @{dgram}", functools.partial(_bare_transfer, run, loop, dgram))
+            for loop in _bare_loops(run.args.loop, engine):
+                series = series_name("bare" if loop == "asyncio" else f"bare-{loop}", engine)
+                add(
+                    f"{series} @{dgram}",
+                    functools.partial(_bare_transfer, run, loop, dgram, engine),
+                )
     if "tcp-tls" in cases:
         add("tcp-tls", functools.partial(_tcp_transfer, run))
     if run.ssh is not None:
@@ -1277,16 +1321,33 @@ def _plan(run: _Run) -> list[tuple[str, Callable[[int], list[Measurement]]]]:
         if any(case in cases for case in SSH_CASES):
             add("ssh-setup", functools.partial(_ssh_setup, run))
     if "small-files" in cases and run.args.small_files > 0:
-        for dgram in dgrams:
+        for dgram, engine in _quic_settings(run):
             for series in ("small-qsftp-1conn", "small-qsftp-per-file"):
-                add(f"{series} @{dgram}", functools.partial(_small_qsftp, run, series, dgram))
+                add(
+                    f"{series_name(series, engine)} @{dgram}",
+                    functools.partial(_small_qsftp, run, series, dgram, engine),
+                )
         if run.ssh is not None:
             add("small-sftp", functools.partial(_small_sftp, run))
     if "handshake" in cases:
-        for dgram in dgrams:
+        for dgram, engine in _quic_settings(run):
             for series in ("handshake-qsftp", "handshake-bare"):
-                add(f"{series} @{dgram}", functools.partial(_handshakes, run, series, dgram))
+                add(
+                    f"{series_name(series, engine)} @{dgram}",
+                    functools.partial(_handshakes, run, series, dgram, engine),
+                )
     return plan
+
+
+def _quic_settings(run: _Run) -> list[tuple[int, str]]:
+    """Every (datagram size, engine) the QUIC cases run with: sizes an engine cannot carry
+    are left out for that engine."""
+    return [
+        (dgram, engine)
+        for dgram in run.args.datagram_size
+        for engine in run.args.engine
+        if dgram <= get_engine(engine).max_datagram_size
+    ]
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -1296,9 +1357,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _bare_loops(loop: str) -> list[str]:
-    """Loops the bare case runs on: asyncio's (aioquic as shipped), plus ``loop`` if other."""
-    return ["asyncio"] if loop == "asyncio" else ["asyncio", loop]
+def _bare_loops(loop: str, engine: str = "aioquic") -> list[str]:
+    """Loops the bare case runs on: asyncio's (the engine as shipped), plus ``loop`` if other
+    (aioquic only: the bare-uvloop row shows what the loop does to unmodified aioquic)."""
+    return ["asyncio"] if loop == "asyncio" or engine != "aioquic" else ["asyncio", loop]
 
 
 def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
@@ -1308,17 +1370,17 @@ def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
     needs_qsftp = cases & {"qsftp-up", "qsftp-down", "handshake"} or (
         "small-files" in cases and args.small_files > 0
     )
-    for dgram in args.datagram_size:
+    for dgram, engine in _quic_settings(run):
         if needs_qsftp:
-            root = run.workdir / f"root-{dgram}"
+            root = run.workdir / f"root-{dgram}-{engine}"
             root.mkdir()
             _link_or_copy(run.file, root / run.file.name)
             # The server CLI picks its event loop from QSFTP_LOOP (set in run.env).
             command = [sys.executable, "-m", "qsftp.server", "--host", "127.0.0.1", "--port", "0"]
             command += ["--root", str(root), "--state-dir", str(run.certfile.parent)]
-            command += run.quic_options(dgram)
+            command += run.quic_options(dgram, engine)
             server, match = _start_server(
-                f"qsftp-server-{dgram}",
+                f"qsftp-server-{dgram}-{engine}",
                 command,
                 pattern=_READY_QSFTP,
                 workdir=run.workdir,
@@ -1326,28 +1388,28 @@ def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
             )
             server.pin, server.root = match.group("fp"), root
             stack.callback(server.stop)
-            run.qsftp_servers[dgram] = server
+            run.qsftp_servers[dgram, engine] = server
             # One unmeasured connection: the first in a fresh process pays for lazy set-up.
             extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
-            probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram))
-            run.server_says[dgram] = str(probe.get("server", "?"))
-        loops = set(_bare_loops(args.loop)) if "bare" in cases else set()
+            probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram, engine))
+            run.server_says[dgram, engine] = str(probe.get("server", "?"))
+        loops = set(_bare_loops(args.loop, engine)) if "bare" in cases else set()
         if "handshake" in cases:
-            loops.add(args.loop)
+            loops.add(_bare_loops(args.loop, engine)[-1])
         for loop in sorted(loops):
             command = [*python, "bare", "--loop", loop, "--cert", str(run.certfile)]
-            command += ["--key", str(run.keyfile), *run.quic_options(dgram)]
+            command += ["--key", str(run.keyfile), *run.quic_options(dgram, engine)]
             server, _ = _start_server(
-                f"bare-server-{dgram}-{loop}",
+                f"bare-server-{dgram}-{loop}-{engine}",
                 command,
                 pattern=_READY_BARE,
                 workdir=run.workdir,
                 env=run.env,
             )
             stack.callback(server.stop)
-            run.bare_servers[(dgram, loop)] = server
+            run.bare_servers[dgram, loop, engine] = server
             extra = ["--host", server.host, "--port", str(server.port), "--count", "1"]
-            run.worker("handshake-bare", *extra, *run.quic_options(dgram), loop=loop)
+            run.worker("handshake-bare", *extra, *run.quic_options(dgram, engine), loop=loop)
     if "tcp-tls" in cases:
         command = [*python, "tcp-tls", "--loop", args.loop, "--cert", str(run.certfile)]
         command += ["--key", str(run.keyfile)]
@@ -1442,7 +1504,13 @@ _UNITS = {"ssh-setup": "ms", "handshake-qsftp": "ms", "handshake-bare": "ms"}
 
 
 def _unit(series: str) -> str:
+    series = _split_series(series)[0]
     return _UNITS.get(series, "files/s" if series.startswith("small-") else "MB/s")
+
+
+def _series_order(series: str) -> tuple[int, int]:
+    case, engine = _split_series(series)
+    return _SERIES.index(case), ENGINES.index(engine or "aioquic")
 
 
 def _median(values: list[float]) -> float | None:
@@ -1455,7 +1523,7 @@ def summarize(measurements: list[Measurement], skipped: dict[str, str]) -> list[
     for m in measurements:
         if (m.series, m.max_datagram_size) not in keys:
             keys.append((m.series, m.max_datagram_size))
-    keys.sort(key=lambda k: (_SERIES.index(k[0]), k[1] or 0))
+    keys.sort(key=lambda k: (*_series_order(k[0]), k[1] or 0))
     out: list[Summary] = []
     for series, dgram in keys:
         rows = [m for m in measurements if (m.series, m.max_datagram_size) == (series, dgram)]
@@ -1514,27 +1582,44 @@ def summarize(measurements: list[Measurement], skipped: dict[str, str]) -> list[
     return out
 
 
-def ratios(summaries: list[Summary], dgrams: Sequence[int]) -> list[Ratio]:
-    """The comparisons issue 4 asks for, one set per datagram size."""
+def ratios(
+    summaries: list[Summary], dgrams: Sequence[int], engines: Sequence[str] = DEFAULT_ENGINES
+) -> list[Ratio]:
+    """The comparisons issue 4 asks for, one set per datagram size (and engine)."""
     table = {(s.series, s.max_datagram_size): s for s in summaries}
 
     def get(series: str, dgram: int | None) -> Summary | None:
         return table.get((series, dgram)) or table.get((series, None))
 
-    pairs = [
-        ("qsftp-up", "bare", "higher"),
-        ("qsftp-down", "bare", "higher"),
-        ("qsftp-up", "bare-uvloop", "higher"),
-        ("qsftp-down", "bare-uvloop", "higher"),
-        ("qsftp-up", "tcp-tls", "higher"),
-        ("qsftp-down", "tcp-tls", "higher"),
-        ("qsftp-up", "scp", "higher"),
-        ("qsftp-up", "scp-aes128gcm", "higher"),
-        ("qsftp-up", "sftp", "higher"),
-        ("small-qsftp-1conn", "small-qsftp-per-file", "higher"),
-        ("small-qsftp-1conn", "small-sftp", "higher"),
-        ("handshake-qsftp", "handshake-bare", "lower"),
-    ]
+    def own(case: str, engine: str) -> str:
+        return series_name(case, engine)
+
+    pairs: list[tuple[str, str, str]] = []
+    for engine in engines:
+        pairs += [
+            (own("qsftp-up", engine), own("bare", engine), "higher"),
+            (own("qsftp-down", engine), own("bare", engine), "higher"),
+        ]
+        if engine == "aioquic":
+            pairs += [
+                ("qsftp-up", "bare-uvloop", "higher"),
+                ("qsftp-down", "bare-uvloop", "higher"),
+            ]
+        pairs += [
+            (own("qsftp-up", engine), "tcp-tls", "higher"),
+            (own("qsftp-down", engine), "tcp-tls", "higher"),
+            (own("qsftp-up", engine), "scp", "higher"),
+            (own("qsftp-down", engine), "scp", "higher"),
+            (own("qsftp-up", engine), "scp-aes128gcm", "higher"),
+            (own("qsftp-up", engine), "sftp", "higher"),
+            (own("small-qsftp-1conn", engine), own("small-qsftp-per-file", engine), "higher"),
+            (own("small-qsftp-1conn", engine), "small-sftp", "higher"),
+            (own("handshake-qsftp", engine), own("handshake-bare", engine), "lower"),
+        ]
+    for engine in engines:
+        if engine != "aioquic" and "aioquic" in engines:  # the engines side by side
+            for case in ("qsftp-up", "qsftp-down", "bare"):
+                pairs.append((own(case, engine), case, "higher"))
     out: list[Ratio] = []
     for dgram in dgrams:
         for top, bottom, better in pairs:
@@ -1646,8 +1731,14 @@ def _ratio_text(r: Ratio) -> str:
     if r.value is None:
         return f"{r.label} {where}: n/a ({r.note})"
     hint = "(>1: QSFTP faster)" if r.better == "higher" else "(<1: QSFTP faster)"
-    if r.label.startswith("small-qsftp-1conn / small-qsftp-per-file"):
+    top, _, bottom = r.label.partition(" / ")
+    if top.startswith("small-qsftp-1conn") and bottom.startswith("small-qsftp-per-file"):
         hint = "(one connection vs one per file)"
+    elif (engine := _split_series(top)[1]) is not None and _split_series(bottom) == (
+        _split_series(top)[0],
+        None,
+    ):
+        hint = f"(>1: {engine} faster than aioquic)"
     return f"{r.label} {where}: {r.value:.2f} {hint}"
 
 
@@ -1720,6 +1811,15 @@ def _header(run: _Run, meta: dict[str, Any]) -> list[tuple[str, str]]:
     args = run.args
     dgrams = ", ".join(str(d) for d in args.datagram_size)
     cc = args.congestion_control or "reno (aioquic default)"
+    qh3 = "qh3" in args.engine
+    if qh3:
+        cc += " on aioquic, cubic on qh3 (its only algorithm)"
+    skipped_sizes = [
+        f"{engine} skips {dgram}"
+        for dgram in args.datagram_size
+        for engine in args.engine
+        if dgram > get_engine(engine).max_datagram_size
+    ]
     loop = args.loop if args.loop == "asyncio" else f"uvloop {meta['uvloop_version']}"
     header = [
         ("command", shlex.join(["python", "-m", "qsftp.bench", *meta["argv"]])),
@@ -1743,7 +1843,18 @@ def _header(run: _Run, meta: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "bare",
             "aioquic's asyncio layer, unmodified, on asyncio's default loop ('bare')"
-            + ("" if args.loop == "asyncio" else f" and on {args.loop} ('bare-{args.loop}')"),
+            + ("" if args.loop == "asyncio" else f" and on {args.loop} ('bare-{args.loop}')")
+            + (
+                "; qh3's asyncio layer with its GSO/GRO transport ('bare-qh3')"
+                if "qh3" in args.engine
+                else ""
+            ),
+        ),
+        (
+            "engines",
+            ", ".join(f"{engine} {meta.get(engine + '_version', '?')}" for engine in args.engine)
+            + " (both ends of a QUIC row run one engine; qh3 rows end in -qh3)"
+            + (f"; {', '.join(skipped_sizes)} (above its ceiling)" if skipped_sizes else ""),
         ),
         (
             "qsftp server",
@@ -1800,6 +1911,7 @@ def _metadata(run: _Run) -> dict[str, Any]:
         memory=_mem_total(),
         load_average_start=os.getloadavg(),
         datagram_sizes=run.args.datagram_size,
+        engines=run.args.engine,
         congestion_control=run.args.congestion_control,
         file_size_bytes=run.size,
         file_seed=FILE_SEED,
@@ -1842,7 +1954,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"QUIC max_datagram_size, one or more (default {DEFAULT_DATAGRAM_SIZE})",
     )
     parser.add_argument(
-        "--congestion-control", choices=["reno", "cubic"], help="default: aioquic's (reno)"
+        "--congestion-control",
+        choices=["reno", "cubic"],
+        help="default: aioquic's (reno); qh3 always runs cubic",
+    )
+    parser.add_argument(
+        "--engine",
+        nargs="+",
+        choices=ENGINES,
+        default=list(DEFAULT_ENGINES),
+        help="QUIC libraries of the QUIC cases, one or more (default aioquic)",
     )
     parser.add_argument(
         "--loop",
@@ -1901,11 +2022,15 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--size must be at least 1 byte")
     if args.small_files < 0 or args.handshakes < 1 or args.small_concurrency < 1:
         parser.error("--small-files must be ≥ 0, --handshakes and --small-concurrency ≥ 1")
+    args.engine = list(dict.fromkeys(args.engine))
+    try:
+        ceiling = max(get_engine(engine).max_datagram_size for engine in args.engine)
+    except qsftp.UsageError as exc:
+        parser.error(f"--engine: {exc}")
     for dgram in args.datagram_size:
-        if not MIN_DATAGRAM_SIZE <= dgram <= MAX_DATAGRAM_SIZE:
-            parser.error(
-                f"--datagram-size {dgram}: aioquic needs {MIN_DATAGRAM_SIZE}..{MAX_DATAGRAM_SIZE}"
-            )
+        if not MIN_DATAGRAM_SIZE <= dgram <= ceiling:
+            names = " or ".join(args.engine)
+            parser.error(f"--datagram-size {dgram}: {names} needs {MIN_DATAGRAM_SIZE}..{ceiling}")
     if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         parser.error("--loop uvloop: uvloop is not installed")
 
@@ -1942,7 +2067,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         _measure_all(run)
         meta.update(load_average_end=os.getloadavg())
     summaries = summarize(run.measurements, run.skipped)
-    rs = ratios(summaries, args.datagram_size)
+    rs = ratios(summaries, args.datagram_size, args.engine)
     header = _header(run, meta)
     sys.stdout.write(render_text(header, summaries, rs))
     if args.markdown is not None:

@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 import stat
 import sys
 import time
@@ -28,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from tqdm import tqdm
 
 from . import __version__, fs, tcp, trust
+from .engine import DEFAULT_ENGINE, ENGINES, Engine, get_engine
 from .errors import (
     AuthFailed,
     BadPath,
@@ -172,6 +170,8 @@ class TransferResult:
     transport: str = "quic"
     "``quic``, or ``tcp``: TLS 1.3 over TCP, where the packet figures are TCP segments and "
     "``max_datagram_size`` is the TCP MSS."
+    engine: str = DEFAULT_ENGINE
+    "QUIC library of this side: ``aioquic`` or ``qh3``; empty over TCP (no QUIC library)."
 
     @property
     def throughput_mb_s(self) -> float:
@@ -227,7 +227,7 @@ class ClientSession(SessionBase):
 class _ClientProtocol(ClientSession, QsftpProtocol):
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any = None,
         *,
         batch: set[QsftpProtocol] | None = None,
@@ -255,7 +255,7 @@ class Connection:
         handshake_ms: float,
         session_ms: float,
         server: str,
-        configuration: QuicConfiguration | None,
+        configuration: Any,
         session_resumed: bool = False,
         ticket_sink: TicketSink | None = None,
     ) -> None:
@@ -275,15 +275,18 @@ class Connection:
         "``quic`` or ``tcp`` (TLS 1.3 over TCP, qsftp.tcp)."
         self.qlog_path: str | None = None
         "This side's qlog file (written when the connection closes); None: no qlog."
+        self.engine = ""
+        "QUIC library of this side: ``aioquic`` or ``qh3``; empty over TCP."
         if isinstance(protocol, tcp.TcpSession):
             # TCP: the segment size and the kernel's congestion control stand in for QUIC's.
             self.max_datagram_size = protocol.mss()
             self.congestion_control = protocol.congestion_control()
             self.receive_window = protocol.receive_window
             return
-        assert configuration is not None
+        assert isinstance(protocol, QsftpProtocol) and configuration is not None
         self.max_datagram_size = configuration.max_datagram_size
-        self.congestion_control = configuration.congestion_control_algorithm
+        self.engine = protocol.engine.name
+        self.congestion_control = protocol.engine.congestion_control(configuration)
         self.receive_window = configuration.max_stream_data
         writer = configuration.quic_logger
         if isinstance(writer, QlogWriter) and writer.paths:
@@ -365,6 +368,7 @@ class Connection:
             qlog_path=self.qlog_path,
             resumed_bytes=resumed_bytes,
             transport=self.transport,
+            engine=self.engine,
         )
 
     async def upload(
@@ -780,27 +784,23 @@ def client_configuration(
     congestion_control: str | None = None,
     receive_window: int | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
-) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 client; ``qlog_dir`` (created) receives qlog files."""
-    configuration = QuicConfiguration(
+    engine: str | Engine | None = None,
+) -> Any:
+    """The QUIC settings of a qsftp/1 client (a ``QuicConfiguration`` of the engine's
+    library); ``qlog_dir`` (created) receives qlog files."""
+    quic_engine = get_engine(engine)
+    configuration = quic_engine.configuration(
         is_client=True,
-        alpn_protocols=[ALPN],
+        alpn=ALPN,
         server_name=host,
-        verify_mode=ssl.CERT_NONE,
         max_stream_data=receive_window or RECEIVE_WINDOW,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
     )
-    if max_datagram_size is not None:
-        configuration.max_datagram_size = max_datagram_size
-    if congestion_control is not None:
-        configuration.congestion_control_algorithm = congestion_control
     if cafile is not None:
-        configuration.verify_mode = ssl.CERT_REQUIRED
-        try:
-            configuration.load_verify_locations(cafile=os.fspath(cafile))
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise LocalFileError(f"cannot load CA file {cafile}: {exc}") from exc
+        quic_engine.load_verify_locations(configuration, os.fspath(cafile))
     if qlog_dir is not None:
-        configuration.quic_logger = QlogWriter(qlog_dir)
+        configuration.quic_logger = QlogWriter(qlog_dir, engine=quic_engine)
     return configuration
 
 
@@ -883,7 +883,7 @@ async def _session(
     decision: trust.TrustDecision,
     timeout: float,
     handshake_ms: float,
-    configuration: QuicConfiguration | None,
+    configuration: Any,
     session_resumed: bool = False,
     ticket_sink: TicketSink | None = None,
 ) -> AsyncIterator[Connection]:
@@ -975,12 +975,17 @@ async def connect(
     session_ticket: Ticket | None = None,
     tickets: TicketCache | None = None,
     transport: str = "quic",
+    engine: str | Engine | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a verified, authenticated qsftp/1 session; close it gracefully on exit.
 
     ``transport="tcp"`` carries the same session over TLS 1.3 on TCP (:mod:`qsftp.tcp`), with
     the same trust checks and token; ``congestion_control`` then names a Linux TCP algorithm
-    and ``max_datagram_size`` / ``qlog_dir`` do not apply.
+    and ``max_datagram_size`` / ``qlog_dir`` / ``engine`` do not apply (giving one is a
+    UsageError).
+
+    ``engine`` is the QUIC library of this side, ``"aioquic"`` (None: the default) or
+    ``"qh3"`` (``pip install qsftp[qh3]``); either talks to a server running either.
 
     ``receive_window`` is the flow-control credit, in bytes, a stream may run ahead of what
     this side has written to disk (default RECEIVE_WINDOW, 2 MiB): it bounds memory per
@@ -1001,8 +1006,10 @@ async def connect(
         pin = trust.normalize_fingerprint(pin)
     policy = _TrustPolicy(pin=pin, insecure=insecure, known_hosts=known_hosts, cafile=cafile)
     if transport == "tcp":
-        if max_datagram_size is not None or qlog_dir is not None:
-            raise UsageError("max_datagram_size and qlog_dir are QUIC options (transport='tcp')")
+        if max_datagram_size is not None or qlog_dir is not None or engine is not None:
+            raise UsageError(
+                "max_datagram_size, qlog_dir and engine are QUIC options (transport='tcp')"
+            )
         async with _connect_tcp(
             host,
             port,
@@ -1016,6 +1023,8 @@ async def connect(
         return
     if transport != "quic":
         raise UsageError(f"transport must be 'quic' or 'tcp', not {transport!r}")
+    quic_engine = get_engine(engine)
+    quic_engine.warm()
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -1029,6 +1038,7 @@ async def connect(
         congestion_control=congestion_control,
         receive_window=receive_window,
         qlog_dir=qlog_dir,
+        engine=quic_engine,
     )
     known = trust.KnownHosts(Path(known_hosts) if known_hosts else None)
     cafile_sha256 = cafile_digest(cafile) if cafile is not None else None
@@ -1044,9 +1054,9 @@ async def connect(
         cafile_sha256=cafile_sha256,
     )
     if offered is not None:
-        configuration.session_ticket = offered.session_ticket
+        configuration.session_ticket = quic_engine.session_ticket(offered.session_ticket)
     sink = TicketSink(host, port, tickets, cafile_sha256=cafile_sha256)
-    quic = QuicConnection(configuration=configuration, session_ticket_handler=sink.received)
+    quic = quic_engine.connection(configuration, session_ticket_handler=sink.received)
     # A connected socket, so an ICMP "port unreachable" fails the handshake at once.
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -1056,7 +1066,7 @@ async def connect(
         sock.close()
         raise TransportError(f"cannot reach {host}:{port}: {exc.strerror}") from exc
     batch: set[QsftpProtocol] = set()
-    protocol = _ClientProtocol(quic, batch=batch)
+    protocol = quic_engine.protocol_class(_ClientProtocol)(quic, batch=batch)
     endpoint = DatagramEndpoint(
         sock,
         receive=protocol.datagram_received,
@@ -1081,7 +1091,7 @@ async def connect(
             raise _handshake_error(protocol, host, port, cafile) from None
         handshake_ms = (time.perf_counter() - started) * 1000.0
         # A resumed handshake has no certificate: the identity stored with the ticket stands in.
-        resumed = quic.tls.session_resumed
+        resumed = quic_engine.session_resumed(quic)
         if resumed and offered is not None:
             decision = check_resumed(
                 offered, host, port, pin=pin, known_hosts=known, cafile_sha256=cafile_sha256
@@ -1202,6 +1212,7 @@ async def upload_striped(
         connections=len(connections),
         qlog_path=first.qlog_path,
         transport=first.transport,
+        engine=first.engine,
     )
 
 
@@ -1382,6 +1393,11 @@ def _parser() -> argparse.ArgumentParser:
         help="QUIC (default), or TLS 1.3 over TCP to a server started with --transport tcp/both",
     )
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="QUIC library: aioquic (default) or qh3 (pip install qsftp[qh3]); QUIC only",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="resumable transfers: continue an interrupted upload or download (--get); "
@@ -1517,6 +1533,7 @@ async def _cli_main(cli: _Cli) -> None:
         "max_datagram_size": args.max_datagram_size,
         "qlog_dir": args.qlog_dir,
         "transport": args.transport,
+        "engine": args.engine,
     }
     if args.connections < 1:
         raise UsageError("--connections must be at least 1")

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .client import Connection, TransferResult, connect
+from .engine import DEFAULT_ENGINE, ENGINES, engine_name, get_engine
 from .errors import PacketLinkUnavailable, QsftpError, TransportError, UsageError
 from .netem import (
     DirectionStats,
@@ -130,6 +131,7 @@ COLUMNS = [
     "congestion_control",
     "receive_window_bytes",
     "transport",
+    "engine",
     "connection",
     "handshake",
     "repeat",
@@ -174,7 +176,7 @@ _LINK_STATS_COLUMNS = list(
 )
 LINK_COLUMNS = ["link", "link_mode", *_LINK_PROFILE_COLUMNS, *_LINK_STATS_COLUMNS]
 # Text columns of COLUMNS (besides sha256 and error), kept as text when a CSV is read back.
-_TEXT_COLUMNS = ["handshake", "qlog_path", "server_qlog_path"]
+_TEXT_COLUMNS = ["handshake", "engine", "qlog_path", "server_qlog_path"]
 # Text columns among them, kept as text when a CSV is read back.
 _LINK_TEXT_COLUMNS = ["link", "link_mode", "link_up_loss_model", "link_down_loss_model"]
 
@@ -256,12 +258,13 @@ async def _embedded_server(
     receive_window: int | None = None,
     qlog_dir: Path | None = None,
     transport: str = "quic",
+    engine: str | None = None,
 ) -> AsyncIterator[tuple[Target, int]]:
     """A ``python -m qsftp.server`` child process on a free loopback port; yields its target
     and PID, and ends it (by its PID) afterwards. ``qlog_dir``: the server's qlog traces;
-    ``transport="both"``: UDP and TCP."""
+    ``transport="both"``: UDP and TCP; ``engine``: its QUIC library (None: the default)."""
     name = "-".join(
-        str(v or "default") for v in (max_datagram_size, congestion_control, receive_window)
+        str(v or "default") for v in (max_datagram_size, congestion_control, receive_window, engine)
     )
     root, state = workdir / f"root-{name}", workdir / f"state-{name}"
     command = [
@@ -287,6 +290,8 @@ async def _embedded_server(
         command += ["--qlog-dir", str(qlog_dir)]
     if transport != "quic":
         command += ["--transport", transport]
+    if engine is not None:
+        command += ["--engine", engine]
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -345,6 +350,7 @@ def collect_metadata() -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "qsftp_version": __version__,
         "aioquic_version": _version("aioquic"),
+        "qh3_version": _version("qh3"),
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "pandas_version": pd.__version__,
@@ -449,11 +455,15 @@ class _Config:
     link: _Link | None = None
     handshake: str = "fresh"
     transport: str = "quic"
+    engine: str | None = None
+    "QUIC library (``aioquic`` or ``qh3``); None for transport tcp, which has none."
 
     @property
-    def server_key(self) -> tuple[int | None, str | None, int | None]:
-        """The settings an embedded server is started with."""
-        return (self.max_datagram_size, self.congestion_control, self.receive_window)
+    def server_key(self) -> tuple[int | None, str | None, int | None, str | None]:
+        """The settings an embedded server is started with (its engine: None for the
+        default, which also serves the TCP transfers)."""
+        engine = None if self.engine == DEFAULT_ENGINE else self.engine
+        return (self.max_datagram_size, self.congestion_control, self.receive_window, engine)
 
 
 def _row(
@@ -477,6 +487,7 @@ def _row(
         congestion_control=config.congestion_control,
         receive_window_bytes=config.receive_window or RECEIVE_WINDOW,
         transport=config.transport,
+        engine=config.engine or "",
         connection=connection,
         handshake=config.handshake,
         repeat=repeat,
@@ -510,7 +521,7 @@ async def _measure(
     # The settings in effect, also for a row that fails before a connection reports them,
     # so failed and successful transfers of one configuration group together.
     row["max_datagram_size"] = datagram_size_for(target.host, config.max_datagram_size)
-    row["congestion_control"] = config.congestion_control or DEFAULT_CONGESTION_CONTROL
+    row["congestion_control"] = _congestion_control(config)
     options = _connect_options(target, config, qlog_dir=qlog_dir)
     if config.transport == "tcp":
         # TCP: the MSS stands in for the datagram size (known once connected), and the
@@ -564,6 +575,7 @@ async def _measure(
         server_cpu_s=result.server_cpu_s,
         max_datagram_size=result.max_datagram_size,
         congestion_control=result.congestion_control,
+        engine=result.engine,
         cpu_bound=seconds > 0
         and max(result.client_cpu_s, result.server_cpu_s) > CPU_BOUND_SHARE * seconds,
     )
@@ -572,7 +584,7 @@ async def _measure(
 async def _packet_lab(
     stack: contextlib.AsyncExitStack,
     link: _Link,
-    key: tuple[int | None, str | None, int | None],
+    key: tuple[int | None, str | None, int | None, str | None],
     *,
     seed: int,
     root: Path,
@@ -589,7 +601,13 @@ async def _packet_lab(
         PacketLink(uplink=link.uplink, downlink=link.downlink, seed=seed)
     )
     server = await stack.enter_async_context(
-        lab_server(packet_link, root, max_datagram_size=key[0], transport=transport)
+        lab_server(
+            packet_link,
+            root,
+            max_datagram_size=key[0],
+            transport=transport,
+            extra_args=("--engine", key[3]) if key[3] else (),
+        )
     )
     return packet_link, server
 
@@ -614,6 +632,8 @@ def _connect_options(
         options["receive_window"] = config.receive_window
     if qlog_dir is not None and config.transport == "quic":
         options["qlog_dir"] = qlog_dir
+    if config.engine is not None and config.transport == "quic":
+        options["engine"] = config.engine
     return options
 
 
@@ -662,6 +682,16 @@ async def _record_link(emulator: LinkEmulator | StreamRelay, row: dict[str, Any]
     row.update(emulator.stats_dict())
 
 
+def _congestion_control(config: _Config) -> str:
+    """The QUIC congestion control a transfer of ``config`` runs: the chosen one, else its
+    engine's default."""
+    if config.congestion_control:
+        return config.congestion_control
+    if engine_name(config.engine) == DEFAULT_ENGINE:
+        return DEFAULT_CONGESTION_CONTROL
+    return get_engine(config.engine).congestion_controls[0]
+
+
 async def _measure_packet(
     link: PacketLink,
     server: LabServer,
@@ -678,7 +708,7 @@ async def _measure_packet(
         row["congestion_control"] = tcp_default_congestion_control()
     else:
         row["max_datagram_size"] = datagram_size_for(server.host, config.max_datagram_size)
-        row["congestion_control"] = DEFAULT_CONGESTION_CONTROL
+        row["congestion_control"] = _congestion_control(config)
     result = await lab_transfer(
         link,
         local,
@@ -688,6 +718,7 @@ async def _measure_packet(
         chunk_size=config.chunk_size,
         max_datagram_size=config.max_datagram_size if config.transport == "quic" else None,
         transport=config.transport,
+        engine=config.server_key[3] if config.transport == "quic" else None,
     )
     row.update(
         {
@@ -718,6 +749,7 @@ async def sweep(
     max_datagram_size: int | Sequence[int | None] | None = None,
     congestion_control: str | Sequence[str | None] | None = None,
     receive_window: int | Sequence[int | None] | None = None,
+    engine: str | Sequence[str | None] | None = None,
     links: LinkProfile
     | tuple[LinkProfile, LinkProfile]
     | Sequence[LinkProfile | tuple[LinkProfile, LinkProfile] | None]
@@ -738,8 +770,10 @@ async def sweep(
     ``(host, port, {connect options})``, a mapping with host/port/options, or None for an
     embedded server in a child process. ``max_datagram_size``, ``congestion_control`` and
     ``receive_window`` (flow-control window per stream, bytes, both sides) may be lists: they
-    become dimensions. The shuffle ``seed`` (random when None) is stored in
-    ``df.attrs`` so a run can be repeated in the same order.
+    become dimensions. ``engine`` ("aioquic", the default, or "qh3"; a list is a dimension) is
+    the client's QUIC library, and the embedded server's: rows carry it as ``engine``. The
+    shuffle ``seed`` (random when None) is stored in ``df.attrs`` so a run can be repeated in
+    the same order.
 
     ``links`` makes emulated links a dimension too: a :class:`~qsftp.netem.LinkProfile` (both
     directions), an ``(uplink, downlink)`` pair, or a list of them in which None means a
@@ -773,7 +807,9 @@ async def sweep(
     ``receive_window`` (the client CLI has no such options), and only ``handshake="fresh"``
     without ``qlog_dir``; there TCP meets the same loss as QUIC, in the kernel. Rows say which
     mode produced them in ``link_mode``: "none" (direct), "relay" (UDP datagrams, QUIC),
-    "stream-relay" (the TCP byte stream) or "packet".
+    "stream-relay" (the TCP byte stream) or "packet". The engine is a QUIC dimension
+    only: TCP transfers are not multiplied by it, their ``engine`` is empty, and they go to the
+    embedded server of the default engine (which listens on TCP too).
     """
     directions = {"upload": ["upload"], "download": ["download"], "both": ["upload", "download"]}
     if direction not in directions:
@@ -786,6 +822,10 @@ async def sweep(
     algorithms = _as_list(congestion_control)
     windows = _as_list(receive_window)
     transports = _transports(transport)
+    engines = list(dict.fromkeys(engine_name(name) for name in _as_list(engine)))
+    if "quic" in transports:
+        for name in engines:
+            get_engine(name)  # an unknown or missing engine fails here, not in every row
     with_links = links is not None
     link_list = _links(links)
     modes = list(dict.fromkeys(_as_list(handshake)))
@@ -816,8 +856,19 @@ async def sweep(
         raise UsageError("handshake='resumed' needs QUIC session tickets, not transport tcp")
     configs = [
         # Through a link the loopback default datagram size would be unrealistic.
-        _Config(d, s, c, LINK_DATAGRAM_SIZE if m is None and k is not None else m, a, w, k, h, t)
-        for d, s, c, m, a, w, k, h, t in itertools.product(
+        _Config(
+            d,
+            s,
+            c,
+            LINK_DATAGRAM_SIZE if m is None and k is not None else m,
+            a,
+            w,
+            k,
+            h,
+            t,
+            e if t == "quic" else None,  # the engine is QUIC's: TCP rows have none
+        )
+        for d, s, c, m, a, w, k, h, t, e in itertools.product(
             directions[direction],
             byte_sizes,
             chunks,
@@ -827,8 +878,10 @@ async def sweep(
             link_list,
             modes,
             transports,
+            engines,
         )
     ]
+    configs = list(dict.fromkeys(configs))  # TCP configurations differ by no engine
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     order = [(config, repeat) for config in configs for repeat in range(repeats)]
     random.Random(seed).shuffle(order)
@@ -844,7 +897,7 @@ async def sweep(
     with tempfile.TemporaryDirectory(prefix="qsftp-sweep-") as tmp:
         workdir = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
-            servers: dict[tuple[int | None, str | None, int | None], Target] = {}
+            servers: dict[tuple[int | None, str | None, int | None, str | None], Target] = {}
             # In packet mode the loopback servers serve the direct rows only.
             for key in dict.fromkeys(c.server_key for c in configs if c.link is None or not packet):
                 if target is None:
@@ -856,6 +909,7 @@ async def sweep(
                             receive_window=key[2],
                             qlog_dir=qlog_root / "server" if qlog_root is not None else None,
                             transport="both" if "tcp" in transports else "quic",
+                            engine=key[3],
                         )
                     )
                     servers[key] = server
@@ -929,8 +983,14 @@ async def sweep(
                 for key, server in servers.items():
                     for size in byte_sizes:
                         setup = _row(run_id, configs[0], -1, True, connection)
+                        quic = transports[0] == "quic"
                         cfg = _Config(
-                            "upload", size, DEFAULT_CHUNK_SIZE, *key, transport=transports[0]
+                            "upload",
+                            size,
+                            DEFAULT_CHUNK_SIZE,
+                            *key[:3],
+                            transport=transports[0],
+                            engine=(key[3] or DEFAULT_ENGINE) if quic else None,
                         )
                         await _measure(
                             server,
@@ -1332,6 +1392,7 @@ _CONFIG_COLUMNS = [
     "max_datagram_size",
     "congestion_control",
     "receive_window_bytes",
+    "engine",
 ]
 
 
@@ -1390,6 +1451,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--receive-window", type=int, nargs="+", help="flow-control windows per stream, bytes"
     )
+    parser.add_argument("--engine", nargs="+", choices=ENGINES, help="QUIC libraries (aioquic)")
     link = parser.add_argument_group(
         "emulated link", "any of these adds one emulated link (both directions) next to direct"
     )
@@ -1495,6 +1557,7 @@ def main(argv: list[str] | None = None) -> int:
                 target=target,
                 max_datagram_size=args.max_datagram_size,
                 receive_window=args.receive_window,
+                engine=args.engine,
                 links=links,
                 link_mode=args.link_mode,
                 handshake=args.handshake or "fresh",

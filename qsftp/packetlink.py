@@ -1085,6 +1085,7 @@ async def lab_transfer(
     transport: str | None = None,
     chunk_size: int | None = None,
     max_datagram_size: int | None = None,
+    engine: str | None = None,
     timeout: float = 300.0,
 ) -> dict[str, Any]:
     """One transfer by ``python -m qsftp.client --json`` in the client namespace; a row.
@@ -1136,6 +1137,8 @@ async def lab_transfer(
         argv += ["--chunk-size", str(chunk_size)]
     if max_datagram_size is not None:
         argv += ["--max-datagram-size", str(max_datagram_size)]
+    if engine is not None:  # the client's QUIC engine (the server's is its own option)
+        argv += ["--engine", engine]
     row: dict[str, Any] = {
         "timestamp": _now_iso(),
         "link_mode": link.link_mode,

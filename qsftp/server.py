@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
-from aioquic.asyncio.server import QuicServer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-
 from . import __version__, fs, tcp, trust
+from .engine import AIOQUIC, ENGINES, Engine, get_engine
 from .errors import (
     BadRequest,
     ChecksumMismatch,
@@ -59,6 +56,7 @@ from .protocol import (
     TerminateReceived,
     UploadEnded,
 )
+from .reset import StatelessReset
 from .session import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -151,13 +149,18 @@ class QsftpServer:
         fingerprint: str,
         limits: Limits,
         tickets: TicketStore | None = None,
+        engine: Engine = AIOQUIC,
     ) -> None:
         self.root = root
         self.tickets = tickets
         "Session tickets this server issued (None: it issues none, every handshake is full)."
-
+        self.engine = engine.name
+        "QUIC library of this server's QUIC listener: ``aioquic`` or ``qh3``."
+        self._engine = engine
+        self._protocol_class = engine.protocol_class(_ServerProtocol)
         self.certfile = certfile
         self._keyfile = keyfile
+        self._reset = StatelessReset.from_key_file(keyfile)
         self.fingerprint = fingerprint
         self.limits = limits
         self.sessions: set[SessionBase] = set()
@@ -167,7 +170,7 @@ class QsftpServer:
         self._tasks: asyncio.TaskGroup | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._quic: QuicServer | None = None
+        self._quic: Any = None  # the engine's QuicServer
         self._batch: set[QsftpProtocol] = set()
         self._qlog: QlogWriter | None = None
         self._tcp: asyncio.Server | None = None
@@ -185,14 +188,30 @@ class QsftpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> QsftpProtocol:
-        return _ServerProtocol(quic, stream_handler, server=self, batch=self._batch)
+    def _create_protocol(self, quic: Any, stream_handler: Any = None) -> QsftpProtocol:
+        self._engine.adopt_reset_tokens(quic, self._reset)
+        return self._protocol_class(quic, stream_handler, server=self, batch=self._batch)
+
+    def _datagram_received(self, data: bytes, addr: Any) -> None:
+        """Every datagram for the QUIC port: a short-header packet for a connection this
+        process does not know (it restarted, or the connection ended) gets a stateless reset;
+        the rest goes to the QUIC library. Only for engines whose tokens are derived
+        (:attr:`Engine.derives_reset_tokens`): other tokens a restart cannot recompute."""
+        quic = self._quic
+        assert quic is not None
+        cid_length = quic._configuration.connection_id_length
+        if data and not data[0] & 0x80 and data[1 : 1 + cid_length] not in quic._protocols:
+            reset = self._reset.packet_for(data, cid_length)
+            if reset is not None and quic._transport is not None:
+                quic._transport.sendto(reset, addr)
+            return
+        quic.datagram_received(data, addr)
 
     async def _listen(
         self,
         host: str,
         port: int,
-        configuration: QuicConfiguration,
+        configuration: Any,
         *,
         reuse_port: bool,
         retry: bool,
@@ -213,9 +232,10 @@ class QsftpServer:
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        # retry: QUIC address validation, one extra round trip before any state is kept.
+        # retry: QUIC address validation, one extra round trip before any state is kept
+        # (always on with qh3, whose handshake with aioquic clients needs it).
         tickets = self.tickets
-        quic = QuicServer(
+        quic = self._engine.server(
             configuration=configuration,
             create_protocol=self._create_protocol,
             retry=retry,
@@ -224,10 +244,14 @@ class QsftpServer:
         )
         endpoint = DatagramEndpoint(
             sock,
-            receive=quic.datagram_received,
+            receive=(
+                self._datagram_received
+                if self._engine.derives_reset_tokens
+                else quic.datagram_received
+            ),
             after_batch=lambda: transmit_batch(self._batch),
         )
-        quic.connection_made(endpoint)  # type: ignore[arg-type]
+        quic.connection_made(endpoint)
         self._quic = quic
         if isinstance(configuration.quic_logger, QlogWriter):
             self._qlog = configuration.quic_logger
@@ -238,7 +262,7 @@ class QsftpServer:
         transport: str,
         host: str,
         port: int,
-        configuration: QuicConfiguration,
+        configuration: Any,
         *,
         reuse_port: bool,
         retry: bool,
@@ -354,6 +378,11 @@ class ServerSession(SessionBase):
             server.limits.session_deadline, self._deadline_passed
         )
 
+    def stack_name(self) -> str:
+        """What carries the session, for the server's name in SESSION_OK: the QUIC engine
+        (``aioquic`` or ``qh3``) or ``tcp``."""
+        raise NotImplementedError
+
     def _deadline_passed(self) -> None:
         self._deadline = None
         if not self.qsftp.session_open and self.terminated is None:
@@ -383,7 +412,8 @@ class ServerSession(SessionBase):
                     self._reject(ErrorCode.BUSY, "too many connections; try again later")
                 else:
                     self.server.sessions.add(self)
-                    qsftp.accept_session(server=f"{_SERVER_NAME} ({loop_name()})")
+                    stack = f"{loop_name()}, {self.stack_name()}"
+                    qsftp.accept_session(server=f"{_SERVER_NAME} ({stack})")
             case TerminateReceived():
                 self.server.sessions.discard(self)  # the session is over: free its slot now
                 if qsftp.control_state is ControlState.CLIENT_CLOSING:
@@ -630,9 +660,12 @@ def _resume_point(
 
 
 class _ServerProtocol(ServerSession, QsftpProtocol):
+    def stack_name(self) -> str:
+        return self.engine.name
+
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any,
         *,
         server: QsftpServer,
@@ -643,6 +676,9 @@ class _ServerProtocol(ServerSession, QsftpProtocol):
 
 
 class _TcpServerProtocol(ServerSession, tcp.TcpSession):
+    def stack_name(self) -> str:
+        return "tcp"
+
     def __init__(self, *, server: QsftpServer, receive_window: int) -> None:
         super().__init__(
             receive_window=receive_window,
@@ -661,24 +697,22 @@ def server_configuration(
     max_datagram_size: int | None = None,
     congestion_control: str | None = None,
     qlog_dir: str | os.PathLike[str] | None = None,
-) -> QuicConfiguration:
-    """The QUIC settings of a qsftp/1 server; ``qlog_dir`` (created) receives qlog files."""
-    configuration = QuicConfiguration(
+    engine: str | Engine | None = None,
+) -> Any:
+    """The QUIC settings of a qsftp/1 server (a ``QuicConfiguration`` of the engine's
+    library); ``qlog_dir`` (created) receives qlog files."""
+    quic_engine = get_engine(engine)
+    configuration = quic_engine.configuration(
         is_client=False,
-        alpn_protocols=[ALPN],
+        alpn=ALPN,
         idle_timeout=idle_timeout,
         max_stream_data=receive_window or RECEIVE_WINDOW,
+        max_datagram_size=max_datagram_size,
+        congestion_control=congestion_control,
     )
-    if max_datagram_size is not None:
-        configuration.max_datagram_size = max_datagram_size
-    if congestion_control is not None:
-        configuration.congestion_control_algorithm = congestion_control
     if qlog_dir is not None:
-        configuration.quic_logger = QlogWriter(qlog_dir)
-    try:
-        configuration.load_cert_chain(certfile, keyfile)
-    except (OSError, ValueError) as exc:
-        raise LocalFileError(f"cannot load certificate {certfile} / key {keyfile}: {exc}") from exc
+        configuration.quic_logger = QlogWriter(qlog_dir, engine=quic_engine)
+    quic_engine.load_cert_chain(configuration, certfile, keyfile)
     return configuration
 
 
@@ -702,6 +736,7 @@ async def serve(
     qlog_dir: str | os.PathLike[str] | None = None,
     session_tickets: bool = True,
     transport: str = "quic",
+    engine: str | Engine | None = None,
 ) -> AsyncIterator[QsftpServer]:
     """Run a QSFTP server for the duration of the ``async with`` block.
 
@@ -718,11 +753,20 @@ async def serve(
     when the connection ends or the server stops. With ``session_tickets`` (the default) the
     server issues TLS session tickets, kept in memory (``server.tickets``), so that a client
     can resume a session without the certificate exchange (:mod:`qsftp.tickets`).
+
+    ``engine`` is the QUIC library, ``"aioquic"`` (None: the default) or ``"qh3"`` (``pip
+    install qsftp[qh3]``; it always uses Retry); clients of either engine can connect. It
+    applies to the QUIC listener: with ``transport="tcp"`` giving one is a UsageError.
     """
     if not token and not allow_anonymous and not is_loopback(host):
         _refuse_anonymous(host)
     if (cert is None) != (key is None):
         raise UsageError("give both a certificate and its key, or neither")
+    if transport == "tcp" and engine is not None:
+        raise UsageError("engine is a QUIC option (transport='tcp')")
+    quic_engine = get_engine(engine)
+    if transport != "tcp":
+        quic_engine.warm()
     if cert is None or key is None:
         certfile, keyfile = trust.ensure_self_signed(Path(state_dir) if state_dir else None)
     else:
@@ -735,6 +779,7 @@ async def serve(
         max_datagram_size=datagram_size_for(host, max_datagram_size),
         congestion_control=congestion_control,
         qlog_dir=qlog_dir,
+        engine=quic_engine,
     )
     fingerprint = trust.fingerprint(trust.load_certificate(certfile))
     with fs.Root(root) as root_dir:
@@ -746,6 +791,7 @@ async def serve(
             fingerprint=fingerprint,
             limits=limits,
             tickets=TicketStore() if session_tickets else None,
+            engine=quic_engine,
         )
         await server._listen_all(
             transport,
@@ -802,6 +848,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qlog-dir", metavar="DIR", help="write a qlog trace per connection here")
     parser.add_argument(
         "--congestion-control", choices=["reno", "cubic"], help="congestion control algorithm"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="QUIC library: aioquic (default) or qh3 (pip install qsftp[qh3]); QUIC only",
     )
     parser.add_argument(
         "--receive-window", type=int, metavar="BYTES", help="flow-control window per stream"
@@ -861,6 +912,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         retry=args.retry,
         qlog_dir=args.qlog_dir,
         transport=args.transport,
+        engine=args.engine,
         limits=Limits(
             max_file_size=args.max_file_size,
             max_connections=args.max_connections,

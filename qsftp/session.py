@@ -3,7 +3,10 @@
 This is the only module that touches aioquic's asyncio layer. :class:`QsftpProtocol` feeds
 each QUIC stream event into the sans-I/O :class:`~qsftp.protocol.QsftpConnection`, writes what
 that queues back into QUIC, and routes every operation's events to a :class:`Channel` that one
-coroutine (a client call or a server handler) consumes.
+coroutine (a client call or a server handler) consumes. The QUIC connection under it comes
+from an :class:`~qsftp.engine.Engine` (aioquic, or qh3): everything library-specific, private
+details included, goes through ``self.engine``; :meth:`Engine.protocol_class` binds a
+protocol class to an engine.
 
 What does not depend on QUIC (the protocol state, channels, dispatch, send backpressure) lives
 in :class:`SessionBase`, which :mod:`qsftp.tcp` reuses to carry the same operations over one
@@ -19,29 +22,30 @@ bounds both itself:
 - receiving: flow-control credit is granted as the application *consumes* bytes
   (:meth:`QsftpProtocol.consumed`), never more than :data:`RECEIVE_WINDOW` ahead of it,
   instead of aioquic's rule of doubling the window as bytes merely arrive.
+
+With qh3 the send bound counts bytes not yet sent once (in-flight bytes are bounded by the
+congestion window), and the receive bound does not exist: qh3 raises credit as data is
+delivered, and offers no hook to tie it to consumption (docs/QH3-ENGINE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import ctypes
 import hashlib
 import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic import events as quic_events
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.logger import QuicFileLogger, QuicLoggerTrace
 
+from .engine import AIOQUIC, Engine
 from .errors import (
     Cancelled,
     ErrorCode,
@@ -60,6 +64,7 @@ from .protocol import (
     Role,
     StreamAborted,
 )
+from .reset import is_stateless_reset
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -230,8 +235,8 @@ class SessionBase:
     loop: asyncio.AbstractEventLoop
     qsftp: QsftpConnection
     channels: dict[int, Channel]
-    terminated: quic_events.ConnectionTerminated | None
-    "Why the connection ended (a QUIC event; the TCP transport fills in the same fields)."
+    terminated: Any
+    "Why the connection ended: the QUIC library's ConnectionTerminated event (TCP makes one)."
     transport_error: OSError | None
     receive_window: int
     _writers: dict[int, asyncio.Future[None]]
@@ -334,7 +339,7 @@ class SessionBase:
         """An event no channel claimed (session events, new requests). Overridden."""
         logger.debug("ignored %r", event)
 
-    def _connection_lost(self, event: quic_events.ConnectionTerminated) -> None:
+    def _connection_lost(self, event: Any) -> None:
         self.terminated = event
         error = TransportError(self.termination_text())
         for channel in self.channels.values():
@@ -372,11 +377,20 @@ class SessionBase:
 
 
 class QsftpProtocol(QuicConnectionProtocol, SessionBase):
-    """One QUIC connection speaking qsftp/1. Subclassed by the client and server glue."""
+    """One QUIC connection speaking qsftp/1. Subclassed by the client and server glue.
+
+    It derives from aioquic's asyncio protocol for its bookkeeping (``connect``,
+    ``wait_connected``, ``close``, the timer and transmit handles), which drives the
+    connection only through the public API aioquic and qh3 share; event classes and private
+    details come from :attr:`engine`.
+    """
+
+    engine: ClassVar[Engine] = AIOQUIC
+    "The QUIC library of this class's connections (Engine.protocol_class binds another)."
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: Any,
         stream_handler: Any = None,
         *,
         batch: set[QsftpProtocol] | None = None,
@@ -384,38 +398,23 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         super().__init__(quic, stream_handler)
         self._init_session(quic.configuration.max_stream_data)
         self.batch = batch
-        self._packets_lost = 0
+        self.packets_lost = 0
+        "Packets declared lost (kept up to date by the engine)."
+        self.datagrams_sent = 0
+        "Datagrams handed to the socket (after the handshake, one packet each)."
+        self.min_rtt = 0.0
+        "Smallest RTT sample seen, s, where the engine samples it (0: none)."
+        self.last_smoothed_rtt = 0.0
+        self._events = self.engine.events
+        self._observe_transmit = self.engine.observes_transmit
+        self._receive_ended: set[int] = set()  # streams whose peer sent FIN or RESET_STREAM
         self._instrument(quic)
 
-    # --- aioquic internals we adjust (one place, documented) --------------------------------
+    # --- QUIC library internals we adjust (in the engine; documented there) ----------------
 
-    def _instrument(self, quic: QuicConnection) -> None:
-        """Count lost packets and replace aioquic's receive-credit rule with ours.
-
-        aioquic has no public hook for either; both are instance-level wrappers around private
-        methods of aioquic 1.x, kept here so that nothing else depends on them.
-        """
-        original_lost = quic._loss._on_packets_lost
-        original_limits = quic._write_stream_limits
-
-        def on_packets_lost(*, packets: Iterable[Any], **kwargs: Any) -> None:
-            packets = list(packets)
-            self._packets_lost += len(packets)
-            original_lost(packets=packets, **kwargs)
-
-        def write_stream_limits(*, builder: Any, space: Any, stream: Any) -> None:
-            # aioquic doubles the window whenever the peer has sent half of it, whether or not
-            # we read anything. Hiding the highest offset turns that rule off; our credit is
-            # raised in consumed() instead.
-            receiver = stream.receiver
-            highest, receiver.highest_offset = receiver.highest_offset, 0
-            try:
-                original_limits(builder=builder, space=space, stream=stream)
-            finally:
-                receiver.highest_offset = highest
-
-        quic._loss._on_packets_lost = on_packets_lost  # type: ignore[method-assign]
-        quic._write_stream_limits = write_stream_limits  # type: ignore[method-assign,assignment]
+    def _instrument(self, quic: Any) -> None:
+        """Let the engine adjust the new connection (counters, the receive-credit rule)."""
+        self.engine.instrument(self)
 
     def consumed(self, stream_id: int, count: int) -> None:
         """The application has taken ``count`` more DATA bytes of ``stream_id``: grant credit."""
@@ -423,33 +422,12 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         self._grant(stream_id)
 
     def _grant(self, stream_id: int) -> None:
-        # QUIC counts every byte of the stream, frame headers and control messages included;
-        # only DATA payloads wait for the application. So the credit limit is: bytes received
-        # so far, less the payload bytes not yet consumed, plus the window.
-        stream = self._quic._streams.get(stream_id)
-        if stream is None:
-            return
-        target = (
-            stream.receiver.highest_offset
-            - self._unconsumed.get(stream_id, 0)
-            + self.receive_window
-        )
-        # Raised in steps of a quarter window at least, so MAX_STREAM_DATA frames stay rare.
-        if target - stream.max_stream_data_local >= self.receive_window // 4:
-            stream.max_stream_data_local = target
+        if self.engine.raise_credit(self, stream_id, self._unconsumed.get(stream_id, 0)):
             self._transmit_soon()
 
     def stats(self) -> QuicStats:
         """Transport figures of this connection so far."""
-        loss = self._quic._loss
-        min_rtt = loss._rtt_min if loss._rtt_initialized else 0.0
-        return QuicStats(
-            packets_sent=self._quic._packet_number,
-            packets_lost=self._packets_lost,
-            smoothed_rtt_ms=loss._rtt_smoothed * 1000.0,
-            min_rtt_ms=min_rtt * 1000.0,
-            congestion_window=loss.congestion_window,
-        )
+        return QuicStats(**self.engine.stats(self))
 
     def discard(self) -> None:
         """Stop this connection's timer: the caller closes the socket without waiting for
@@ -462,7 +440,7 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
             self._transmit_task = None
         if self.terminated is None:
             self._connection_lost(
-                quic_events.ConnectionTerminated(
+                self._events.ConnectionTerminated(
                     error_code=0, frame_type=None, reason_phrase="closed by this side"
                 )
             )
@@ -474,9 +452,9 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         if waiter is not None:
             waiter.add_done_callback(consume_result)
 
-    def peer_certificate(self) -> Any:
-        """The server's certificate as seen in the handshake (client side), or None."""
-        return getattr(self._quic.tls, "_peer_certificate", None)
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER) as seen in the handshake (client side), or None."""
+        return self.engine.peer_certificate(self._quic)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -486,16 +464,16 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         for stream_id, data, end_stream in self.qsftp.data_to_send():
             try:
                 quic.send_stream_data(stream_id, data, end_stream)
-            except (RuntimeError, ValueError):
+            except self.engine.stream_errors:
                 # The peer reset the stream (STOP_SENDING) after we queued: the bytes have no
                 # reader any more, and the operation learns of it through its channel.
                 logger.debug("stream %d: dropped %d bytes after reset", stream_id, len(data))
         self._transmit_soon()
 
     def buffered(self, stream_id: int) -> int:
-        """Bytes queued for ``stream_id`` in aioquic and not yet acknowledged."""
-        stream = self._quic._streams.get(stream_id)
-        return len(stream.sender._buffer) if stream is not None else 0
+        """Bytes queued for ``stream_id`` in the QUIC library: not yet acknowledged (aioquic),
+        not yet sent (qh3)."""
+        return self.engine.send_buffered(self._quic, stream_id)
 
     # aioquic's asyncio layer reads the clock with loop.time(); uvloop's is cached per loop
     # iteration at 1 ms resolution, which on a sub-millisecond path turns every RTT sample
@@ -505,8 +483,18 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
     def transmit(self) -> None:
         self._transmit_task = None
         quic, transport = self._quic, self._transport
-        for data, addr in quic.datagrams_to_send(now=time.monotonic()):
+        try:
+            datagrams = quic.datagrams_to_send(now=time.monotonic())
+        except self.engine.transmit_errors as exc:
+            # qh3 raises out of its packet builder in rare states; the connection lives on
+            # and its timer (re-armed below) retries.
+            logger.warning("could not build packets: %s", exc)
+            datagrams = []
+        for data, addr in datagrams:
             transport.sendto(data, addr)  # type: ignore[union-attr]
+        self.datagrams_sent += len(datagrams)
+        if self._observe_transmit:
+            self.engine.on_transmit(self)
         timer_at = quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -525,9 +513,43 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         self._process_events()
         self.transmit()
 
+    def _process_events(self) -> None:
+        # aioquic's version tests aioquic's event classes; this one, the engine's.
+        events = self._events
+        quic = self._quic
+        event = quic.next_event()
+        while event is not None:
+            if isinstance(event, events.ConnectionIdIssued):
+                self._connection_id_issued_handler(event.connection_id)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self._connection_id_retired_handler(event.connection_id)
+            elif isinstance(event, events.ConnectionTerminated):
+                self._connection_terminated_handler()
+                waiter = self._connected_waiter
+                if waiter is not None:
+                    self._connected_waiter = None
+                    waiter.set_exception(ConnectionError)
+                self._closed.set()
+            elif isinstance(event, events.HandshakeCompleted):
+                self._connected = True
+                waiter = self._connected_waiter
+                if waiter is not None:
+                    self._connected_waiter = None
+                    waiter.set_result(None)
+            self.quic_event_received(event)
+            event = quic.next_event()
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert isinstance(data, bytes)
+        if self.role is Role.CLIENT and is_stateless_reset(
+            data, (self.engine.peer_reset_token(self._quic),)
+        ):
+            # The server no longer knows this connection (qsftp.reset): end it now rather
+            # than at the idle timeout, so a resumable transfer reconnects at once.
+            self._abort_connection("stateless reset from the server (restarted?)")
+            return
         # Under a batching endpoint (qsftp.udp) the transmit waits for the end of the batch.
-        self._quic.receive_datagram(data, addr, now=time.monotonic())  # type: ignore[arg-type]
+        self._quic.receive_datagram(data, addr, now=time.monotonic())
         self._process_events()
         if self.batch is None:
             self.transmit()
@@ -536,19 +558,25 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
 
     # --- receiving --------------------------------------------------------------------------
 
-    def quic_event_received(self, event: quic_events.QuicEvent) -> None:
+    def quic_event_received(self, event: Any) -> None:
+        events = self._events
         try:
-            if isinstance(event, quic_events.StreamDataReceived):
-                self._dispatch(self.qsftp.receive(event.stream_id, event.data, event.end_stream))
-                self._grant(event.stream_id)
-            elif isinstance(event, quic_events.StreamReset):
+            if isinstance(event, events.StreamDataReceived):
+                stream_id = event.stream_id
+                self._dispatch(self.qsftp.receive(stream_id, event.data, event.end_stream))
+                if event.end_stream and stream_id in self.channels:
+                    self._receive_ended.add(stream_id)  # forgotten with the channel
+                self._grant(stream_id)
+            elif isinstance(event, events.StreamReset):
                 self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
-            elif isinstance(event, quic_events.StopSendingReceived):
+                if event.stream_id in self.channels:
+                    self._receive_ended.add(event.stream_id)
+            elif isinstance(event, events.StopSendingReceived):
                 # A server stops our upload only after its ERROR, which is the answer the
                 # client waits for; a client that stops a server's response abandons it.
                 if self.role is Role.SERVER:
                     self._dispatch(self.qsftp.stream_reset(event.stream_id, event.error_code))
-            elif isinstance(event, quic_events.ConnectionTerminated):
+            elif isinstance(event, events.ConnectionTerminated):
                 self._connection_lost(event)
         except RemoteProtocolError as exc:
             logger.warning("closing connection: %s", exc)
@@ -561,10 +589,11 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         # fail at once instead of waiting for the handshake to time out.
         logger.debug("socket error: %s", exc)
         self.transport_error = exc if isinstance(exc, OSError) else OSError(str(exc))
-        self._quic._close_event = quic_events.ConnectionTerminated(
-            error_code=0, frame_type=None, reason_phrase=str(exc)
-        )
-        self._quic._close_end()
+        self._abort_connection(str(exc))
+
+    def _abort_connection(self, reason: str) -> None:
+        """End the connection at once, without a CONNECTION_CLOSE: the peer is gone."""
+        self.engine.abort(self._quic, reason)
         self._process_events()
 
     # --- streams ----------------------------------------------------------------------------
@@ -573,20 +602,18 @@ class QsftpProtocol(QuicConnectionProtocol, SessionBase):
         return self._quic.get_next_available_stream_id()
 
     def abort_stream(self, stream_id: int) -> None:
-        try:
-            self._quic.reset_stream(stream_id, ErrorCode.CANCELLED)
-            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
-        except ValueError:
-            pass  # already discarded by aioquic: nothing left to stop
+        self.engine.abort_stream(self._quic, stream_id, ErrorCode.CANCELLED)
         self._transmit_soon()
 
     def stop_receiving(self, stream_id: int) -> None:
-        with contextlib.suppress(ValueError):  # the stream is already gone in aioquic
-            self._quic.stop_stream(stream_id, ErrorCode.CANCELLED)
+        self.engine.stop_stream(self._quic, stream_id, ErrorCode.CANCELLED)
 
     def receive_finished(self, stream_id: int) -> bool:
-        stream = self._quic._streams.get(stream_id)
-        return stream is None or stream.receiver.is_finished
+        return self.engine.receive_finished(self, stream_id)
+
+    def close_channel(self, channel: Channel, *, abort: bool = False) -> None:
+        self._receive_ended.discard(channel.stream_id)
+        super().close_channel(channel, abort=abort)
 
 
 def transmit_batch(batch: set[QsftpProtocol]) -> None:
@@ -773,31 +800,32 @@ def cpu_time() -> float:
     return time.process_time()
 
 
-class QlogWriter(QuicFileLogger):
-    """aioquic's QuicFileLogger (one ``<ODCID>.qlog`` per connection, written when its trace
-    ends) that creates its directory, knows each trace's file, and can end the traces still
-    open: aioquic ends a trace only when a close completes, after the closing period, which a
-    client that drops its socket at once (or a server shutting down) never waits for."""
+class QlogWriter:
+    """A qlog writer for a QUIC configuration's ``quic_logger``: the engine's QuicFileLogger
+    (one ``<ODCID>.qlog`` per connection, written when its trace ends) behind a front that
+    creates the directory, knows each trace's file, and can end the traces still open: the
+    library ends a trace only when a close completes, after the closing period, which a client
+    that drops its socket at once (or a server shutting down) never waits for."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, engine: Engine = AIOQUIC) -> None:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        super().__init__(os.fspath(path))
+        self._logger = engine.file_logger_class(os.fspath(path))
         self.directory = path
         self.paths: list[Path] = []
         "Files of the traces started so far (a file exists once its trace ended)."
-        self._open: set[QuicLoggerTrace] = set()
+        self._open: set[Any] = set()
 
-    def start_trace(self, is_client: bool, odcid: bytes) -> QuicLoggerTrace:
-        trace = super().start_trace(is_client, odcid)
+    def start_trace(self, is_client: bool, odcid: bytes) -> Any:
+        trace = self._logger.start_trace(is_client=is_client, odcid=odcid)
         self.paths.append(self.directory / f"{odcid.hex()}.qlog")
         self._open.add(trace)
         return trace
 
-    def end_trace(self, trace: QuicLoggerTrace) -> None:
-        if trace in self._open:  # aioquic may end a trace we already ended
+    def end_trace(self, trace: Any) -> None:
+        if trace in self._open:  # the library may end a trace we already ended
             self._open.remove(trace)
-            super().end_trace(trace)
+            self._logger.end_trace(trace)
 
     def end_open_traces(self) -> None:
         """Write every trace not yet ended (their connections are being abandoned)."""

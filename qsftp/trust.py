@@ -4,9 +4,9 @@ The server presents a certificate it generated itself (:func:`ensure_self_signed
 decides whether to trust it in one of four ways, checked by :func:`check_peer` after the TLS
 handshake and before any token is sent:
 
-- ``cafile``: TLS already verified the chain, dates and host name against a CA file (aioquic
-  does this when the client configuration has ``load_verify_locations``). A self-signed server
-  certificate works as its own CA file.
+- ``cafile``: TLS already verified the chain, dates and host name against a CA file (the QUIC
+  library does this when the client configuration has ``load_verify_locations``). A
+  self-signed server certificate works as its own CA file.
 - ``pin``: the SHA-256 fingerprint of the certificate must equal the one given.
 - known hosts (trust on first use, like ssh): the first fingerprint seen for ``host:port`` is
   recorded in a file; later connections must present the same one.
@@ -35,7 +35,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from qsftp.errors import LocalFileError, TrustError, UsageError
 
@@ -240,7 +240,9 @@ def ensure_self_signed(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # No ExtendedKeyUsage: qh3's verifier does not take a self-issued certificate that
+        # carries a TLS EKU as a trust anchor, so such a certificate could not be its own CA
+        # file for a qh3 client. Without the extension any use is allowed (RFC 5280 4.2.1.12).
         .add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -405,7 +407,7 @@ class TrustDecision:
 def check_peer(
     host: str,
     port: int,
-    cert: x509.Certificate | None,
+    cert: x509.Certificate | bytes | None,
     *,
     pin: str | None = None,
     known_hosts: KnownHosts | None = None,
