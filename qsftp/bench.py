@@ -29,7 +29,8 @@ The cases:
   --workers W``, SO_REUSEPORT), for every N of ``--connections`` and W of ``--workers``; rows
   ``scaling-<N>c-<W>w``. The server's CPU is summed over its processes, each of which is read
   from ``/proc/PID/stat`` while it still runs; the CPU and peak RSS of each worker process are
-  kept per measurement, so the table shows how the kernel spread the connections.
+  kept per measurement, so the table shows how the kernel spread the connections. With
+  ``--engine … qh3`` the case runs on each engine (qh3's rows end in ``-qh3``).
 
 ``--engine aioquic qh3`` runs every QUIC case (QSFTP, bare, small files, handshakes) once per
 engine, both ends on that engine: aioquic's rows keep their names, qh3's carry a ``-qh3``
@@ -1992,7 +1993,7 @@ def render_text(header: list[tuple[str, str]], summaries: list[Summary], rs: lis
     if spread := _spread_rows(summaries):
         lines += ["", "scaling: " + _SPREAD_NOTE]
         lines += [
-            f"  {row[0]} @{row[1]}: {row[2]} processes, busy {row[3]}; CPU s {row[4]}; "
+            f"  {row[0]} @{row[1]}: processes {row[2]}, busy {row[3]}; CPU s {row[4]}; "
             f"peak RSS MB {row[5]}"
             for row in spread
         ]

@@ -207,7 +207,7 @@ def test_scaling_case_measures_every_connections_and_workers_pair(scaling_run: R
         assert re.search(rf"\s{NUMBER}\s+{NUMBER}–{NUMBER}\s", row), row
     for series in SCALING_ROWS[1:]:
         assert re.search(rf"{series} / scaling-1c-1w @1452: {NUMBER} ", scaling_run.stdout)
-    assert re.search(r"scaling-2c-2w @1452: 2 processes, busy [12]; CPU s ", scaling_run.stdout)
+    assert re.search(r"scaling-2c-2w @1452: processes 2, busy [12]; CPU s ", scaling_run.stdout)
     text = scaling_run.markdown.read_text()
     assert "| case | datagram | server processes | busy per round |" in text
     assert "| scaling-2c-2w | 1452 | 2 |" in text
