@@ -24,6 +24,13 @@ The cases:
 - ``small-files``: N files of 4 KiB over one QSFTP connection (concurrent streams), over one
   QSFTP connection per file, and with ``sftp -b`` (when sshd is available).
 - ``handshake``: QSFTP's time to first byte (handshake + session) and a bare aioquic handshake.
+- ``scaling``: the QSFTP upload striped over N connections (``qsftp.upload(connections=N)``,
+  one client process) to a server of W processes sharing one port (``python -m qsftp.server
+  --workers W``, SO_REUSEPORT), for every N of ``--connections`` and W of ``--workers``; rows
+  ``scaling-<N>c-<W>w``. The server's CPU is summed over its processes, each of which is read
+  from ``/proc/PID/stat`` while it still runs; the CPU and peak RSS of each worker process are
+  kept per measurement, so the table shows how the kernel spread the connections. With
+  ``--engine … qh3`` the case runs on each engine (qh3's rows end in ``-qh3``).
 
 ``--engine aioquic qh3`` runs every QUIC case (QSFTP, bare, small files, handshakes) once per
 engine, both ends on that engine: aioquic's rows keep their names, qh3's carry a ``-qh3``
@@ -67,8 +74,9 @@ from qsftp.engine import ENGINES, get_engine
 
 __all__ = ["CASES", "SCHEMA_VERSION", "Measurement", "Summary", "main"]
 
-# Bumped whenever a CSV column or a meta field changes meaning (2: the engine column).
-SCHEMA_VERSION = 2
+# Bumped whenever a CSV column or a meta field changes meaning (2: the engine column; 3: the
+# connections, workers, worker_cpu_s and worker_rss_bytes columns of the scaling case).
+SCHEMA_VERSION = 3
 # The cases --cases chooses from, in the order each repeat runs them.
 CASES = (
     "qsftp-up",
@@ -80,6 +88,7 @@ CASES = (
     "sftp",
     "small-files",
     "handshake",
+    "scaling",
 )
 SSH_CASES = ("scp", "scp-aes128gcm", "sftp")
 
@@ -105,6 +114,16 @@ DEFAULT_HANDSHAKES = 20
 QUICK_SIZE = "4MiB"
 QUICK_SMALL_FILES = 50
 QUICK_HANDSHAKES = 5
+# The scaling case's grid: connections one upload is striped over, and server processes.
+DEFAULT_CONNECTIONS = (1, 2, 4)
+DEFAULT_WORKERS = (1, 2)
+# Unmeasured connections per server process made when a scaling server starts: each new
+# connection comes from a new client port, so with this many every process very likely served
+# one (and paid for its lazy set-up) before the first measurement.
+WARM_UP_CONNECTIONS_PER_WORKER = 4
+# A server process counts as busy in a measurement when it used at least this share of the
+# server's CPU: an idle one only runs timers (~0%); one range of N costs about 1/N.
+BUSY_WORKER_SHARE = 0.1
 # The test files' seeds (qsftp.experiment caches generated files by size and seed).
 FILE_SEED = 0
 SMALL_FILES_SEED = 1
@@ -196,6 +215,15 @@ class Measurement:
     "UDP datagrams dropped for a full receive buffer meanwhile (RcvbufErrors, machine-wide)."
     error: str
     "Why it failed; empty when it did not."
+    connections: int | None = None
+    "QUIC connections the upload was striped over (scaling case); None elsewhere."
+    workers: int | None = None
+    "Server processes sharing the port (scaling case); None elsewhere."
+    worker_cpu_s: str = ""
+    "CPU seconds of each server process meanwhile, space-separated, in the order the server "
+    "started them (scaling case; its sum, plus the supervisor's, is server_cpu_s)."
+    worker_rss_bytes: str = ""
+    "Peak RSS of each server process meanwhile, bytes, space-separated, same order."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +262,15 @@ class Summary:
     "Median UDP receive-buffer drops during a measurement (machine-wide)."
     note: str = ""
     "Why the row is empty (skipped), or the last error."
+    workers: int | None = None
+    "Server processes (scaling case)."
+    worker_cpu_rounds: str = ""
+    "Per round, the CPU seconds of each server process, busiest first (``2.01+1.95``), rounds "
+    "separated by ``, ``: how the kernel spread the connections (scaling case)."
+    busy_workers: str = ""
+    "Per round, the server processes that used ≥ 10% of the server's CPU (scaling case)."
+    worker_rss_bytes: str = ""
+    "Largest peak RSS of each server process over the rounds, bytes, space-separated."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -428,6 +465,9 @@ class ServerProcess:
     root: Path | None = None
     forks: bool = False
     "True when connections run in child processes (sshd): CPU and RSS include them."
+    workers: list[int] = field(default_factory=list)
+    "PIDs of the processes that serve connections, metered one by one (the scaling case's "
+    "servers: the process itself, or the W processes of ``qsftp.server --workers W``)."
 
     @property
     def pid(self) -> int:
@@ -519,19 +559,30 @@ class _PeakSampler:
 
 
 class _ServerMeter:
-    """CPU seconds and peak RSS of a server over one measurement."""
+    """CPU seconds and peak RSS of a server over one measurement.
+
+    A server with worker processes (``server.workers``) is read process by process: a
+    running child's CPU is not in its parent's cutime/cstime until it is reaped.
+    """
 
     def __init__(self, server: ServerProcess | None) -> None:
         self.server = server
         self.cpu_s: float | None = None
         self.rss_bytes: int | None = None
+        self.worker_cpu_s: list[float] = []
+        "Per worker process, in server.workers order (empty without workers)."
+        self.worker_rss_bytes: list[int] = []
         self._cpu_start = 0.0
+        self._worker_start: list[float] = []
         self._sampler: _PeakSampler | None = None
 
     def __enter__(self) -> _ServerMeter:
         server = self.server
         if server is not None:
             _reset_hwm(server.pid)
+            for pid in server.workers:
+                _reset_hwm(pid)
+            self._worker_start = [_proc_cpu(pid) for pid in server.workers]
             self._cpu_start = _proc_cpu(server.pid)
             if server.forks:
                 self._sampler = _PeakSampler(server.pid).__enter__()
@@ -552,6 +603,18 @@ class _ServerMeter:
             peak = self._sampler.peak
         self.cpu_s = _proc_cpu(server.pid) - self._cpu_start
         self.rss_bytes = max(peak, _proc_hwm(server.pid))
+        if server.workers:
+            self.worker_cpu_s = [
+                _proc_cpu(pid) - start
+                for pid, start in zip(server.workers, self._worker_start, strict=True)
+            ]
+            self.worker_rss_bytes = [_proc_hwm(pid) for pid in server.workers]
+            self.cpu_s += sum(
+                cpu
+                for pid, cpu in zip(server.workers, self.worker_cpu_s, strict=True)
+                if pid != server.pid
+            )
+            self.rss_bytes = max(self.rss_bytes, *self.worker_rss_bytes)
 
 
 # --- sshd -------------------------------------------------------------------------------------
@@ -753,6 +816,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--remote-dir")
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=SMALL_FILES_CONCURRENCY)
     parser.add_argument("--timeout", type=float, default=BASE_TIMEOUT)
     return parser
@@ -771,7 +835,12 @@ async def _qsftp_worker(args: argparse.Namespace) -> dict[str, Any]:
     options = _qsftp_options(args)
     if args.kind == "qsftp-up":
         result = await qsftp.upload(
-            args.file, args.host, args.port, remote_name=args.name, **options
+            args.file,
+            args.host,
+            args.port,
+            remote_name=args.name,
+            connections=args.connections,
+            **options,
         )
     elif args.kind == "qsftp-down":
         result = await qsftp.download(args.name, args.dest, args.host, args.port, **options)
@@ -791,8 +860,11 @@ async def _qsftp_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _qsftp_many(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     if args.kind == "probe-qsftp":
-        async with qsftp.connect(args.host, args.port, **options) as conn:
-            return {"server": conn.server}
+        server = "?"
+        for _ in range(args.count):  # each connection from a new port: see the scaling case
+            async with qsftp.connect(args.host, args.port, **options) as conn:
+                server = conn.server
+        return {"server": server}
     if args.kind == "handshake-qsftp":
         samples = []
         for _ in range(args.count):
@@ -949,6 +1021,8 @@ class _Run:
     timeout: float
     qsftp_servers: dict[tuple[int, str], ServerProcess] = field(default_factory=dict)
     "By (datagram size, engine)."
+    scaling_servers: dict[tuple[int, str, int], ServerProcess] = field(default_factory=dict)
+    "By (datagram size, engine, server processes)."
     bare_servers: dict[tuple[int, str, str], ServerProcess] = field(default_factory=dict)
     "By (datagram size, event loop, engine)."
     tcp_server: ServerProcess | None = None
@@ -1016,6 +1090,7 @@ def _record(
     size_bytes: int,
     files: int,
     engine: str | None = None,
+    connections: int | None = None,
 ) -> list[Measurement]:
     """Run ``call`` (one worker) while metering ``server``; one Measurement per sample."""
     started_at = _now_iso()
@@ -1029,6 +1104,8 @@ def _record(
         "unit": unit,
         "size_bytes": size_bytes,
         "files": files,
+        "connections": connections,
+        "workers": None if connections is None or server is None else len(server.workers) or 1,
     }
     meter = _ServerMeter(server)
     machine_start, own_start, drops_start = _machine_cpu(), _own_cpu(), _udp_drops()
@@ -1038,6 +1115,7 @@ def _record(
         if "bytes" in out and out["bytes"] != size_bytes:
             raise BenchError(f"transferred {out['bytes']} bytes, expected {size_bytes}")
     except (BenchError, OSError, ValueError, KeyError) as exc:
+        base.update(_worker_columns(meter))
         measurement = Measurement(
             **base,
             index=0,
@@ -1069,6 +1147,7 @@ def _record(
             )
             for i, sample in enumerate(out["samples_ms"])
         ]
+    base.update(_worker_columns(meter))
     ours = _own_cpu() - own_start + (meter.cpu_s or 0.0)
     other = max(0.0, _machine_cpu() - machine_start - ours)
     drops = _udp_drops() - drops_start
@@ -1094,6 +1173,13 @@ def _record(
             error="",
         )
     ]
+
+
+def _worker_columns(meter: _ServerMeter) -> dict[str, str]:
+    return {
+        "worker_cpu_s": " ".join(f"{cpu:.3f}" for cpu in meter.worker_cpu_s),
+        "worker_rss_bytes": " ".join(str(rss) for rss in meter.worker_rss_bytes),
+    }
 
 
 def _qsftp_transfer(
@@ -1125,6 +1211,41 @@ def _qsftp_transfer(
         )
     finally:
         cleanup.unlink(missing_ok=True)
+
+
+def scaling_series(connections: int, workers: int) -> str:
+    """The table row of the scaling case (before any engine suffix)."""
+    return f"scaling-{connections}c-{workers}w"
+
+
+_SCALING = re.compile(r"^scaling-(?P<connections>\d+)c-(?P<workers>\d+)w$")
+
+
+def _scaling_transfer(
+    run: _Run, dgram: int, engine: str, repeat: int, *, connections: int, workers: int
+) -> list[Measurement]:
+    server = run.scaling_servers[dgram, engine, workers]
+    assert server.root is not None
+    name = f"scale-{repeat}-{uuid.uuid4().hex[:6]}.bin"
+    extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
+    extra += [*run.quic_options(dgram, engine), "--file", str(run.file), "--name", name]
+    extra += ["--connections", str(connections)]
+    try:
+        return _record(
+            run,
+            scaling_series(connections, workers),
+            dgram,
+            repeat,
+            server=server,
+            call=lambda: run.worker("qsftp-up", *extra),
+            unit="MB/s",
+            size_bytes=run.size,
+            files=1,
+            engine=engine,
+            connections=connections,
+        )
+    finally:
+        (server.root / name).unlink(missing_ok=True)
 
 
 def _bare_transfer(run: _Run, loop: str, dgram: int, engine: str, repeat: int) -> list[Measurement]:
@@ -1336,6 +1457,22 @@ def _plan(run: _Run) -> list[tuple[str, Callable[[int], list[Measurement]]]]:
                     f"{series_name(series, engine)} @{dgram}",
                     functools.partial(_handshakes, run, series, dgram, engine),
                 )
+    if "scaling" in cases:
+        for dgram, engine in _quic_settings(run):
+            for workers in run.args.workers:
+                for connections in run.args.connections:
+                    series = series_name(scaling_series(connections, workers), engine)
+                    add(
+                        f"{series} @{dgram}",
+                        functools.partial(
+                            _scaling_transfer,
+                            run,
+                            dgram,
+                            engine,
+                            connections=connections,
+                            workers=workers,
+                        ),
+                    )
     return plan
 
 
@@ -1393,6 +1530,9 @@ def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
             extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
             probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram, engine))
             run.server_says[dgram, engine] = str(probe.get("server", "?"))
+        if "scaling" in cases:
+            for workers in args.workers:
+                _start_scaling_server(run, stack, dgram, engine, workers)
         loops = set(_bare_loops(args.loop, engine)) if "bare" in cases else set()
         if "handshake" in cases:
             loops.add(_bare_loops(args.loop, engine)[-1])
@@ -1435,6 +1575,36 @@ def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
         if reason:
             for case in wants_ssh:
                 run.skipped[case] = reason
+
+
+def _start_scaling_server(
+    run: _Run, stack: contextlib.ExitStack, dgram: int, engine: str, workers: int
+) -> None:
+    """A ``qsftp.server --workers W`` (W > 1: a supervisor and W processes on one port)."""
+    name = f"scaling-{dgram}-{engine}-{workers}w"
+    root = run.workdir / f"root-{name}"
+    root.mkdir()
+    command = [sys.executable, "-m", "qsftp.server", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--root", str(root), "--state-dir", str(run.certfile.parent)]
+    command += [*run.quic_options(dgram, engine), "--workers", str(workers)]
+    server, match = _start_server(
+        f"qsftp-server-{name}",
+        command,
+        pattern=_READY_QSFTP,
+        workdir=run.workdir,
+        env=run.env,
+    )
+    server.pin, server.root = match.group("fp"), root
+    stack.callback(server.stop)
+    # The supervisor prints its ready line once every worker has printed its own.
+    server.workers = _children(server.pid) if workers > 1 else [server.pid]
+    if len(server.workers) != workers:
+        raise BenchError(f"{name}: expected {workers} server processes, found {server.workers}")
+    run.scaling_servers[dgram, engine, workers] = server
+    extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
+    extra += ["--count", str(WARM_UP_CONNECTIONS_PER_WORKER * workers)]
+    probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram, engine))
+    run.server_says[dgram, engine] = str(probe.get("server", "?"))
 
 
 def _make_small_files(run: _Run, test_file: Callable[..., Path]) -> None:
@@ -1508,9 +1678,13 @@ def _unit(series: str) -> str:
     return _UNITS.get(series, "files/s" if series.startswith("small-") else "MB/s")
 
 
-def _series_order(series: str) -> tuple[int, int]:
+def _series_order(series: str) -> tuple[int, int, int, int]:
     case, engine = _split_series(series)
-    return _SERIES.index(case), ENGINES.index(engine or "aioquic")
+    order = ENGINES.index(engine or "aioquic")
+    if match := _SCALING.match(case):  # after every other row, by workers, then connections
+        workers, connections = int(match["workers"]), int(match["connections"])
+        return len(_SERIES), order, workers, connections
+    return _SERIES.index(case), order, 0, 0
 
 
 def _median(values: list[float]) -> float | None:
@@ -1556,6 +1730,7 @@ def summarize(measurements: list[Measurement], skipped: dict[str, str]) -> list[
                 other_cpu_s=med("other_cpu_s"),
                 udp_drops=med("udp_drops"),
                 note=f"failed: {errors[-1]}" if errors else "",
+                **_spread(good),
             )
         )
     for series, reason in skipped.items():
@@ -1580,6 +1755,26 @@ def summarize(measurements: list[Measurement], skipped: dict[str, str]) -> list[
             )
         )
     return out
+
+
+def _spread(rows: list[Measurement]) -> dict[str, Any]:
+    """The Summary fields that say how a scaling row's connections spread over the workers."""
+    if not rows or rows[0].workers is None:
+        return {}
+    rounds, busy, peaks = [], [], [0] * int(rows[0].workers)
+    for m in rows:
+        cpus = sorted((float(v) for v in m.worker_cpu_s.split()), reverse=True)
+        total = sum(cpus)
+        rounds.append("+".join(f"{cpu:.2f}" for cpu in cpus))
+        busy.append(str(sum(1 for cpu in cpus if total and cpu >= BUSY_WORKER_SHARE * total)))
+        for i, rss in enumerate(m.worker_rss_bytes.split()):
+            peaks[i] = max(peaks[i], int(rss))
+    return {
+        "workers": rows[0].workers,
+        "worker_cpu_rounds": ", ".join(rounds),
+        "busy_workers": " ".join(busy),
+        "worker_rss_bytes": " ".join(str(peak) for peak in peaks),
+    }
 
 
 def ratios(
@@ -1616,6 +1811,11 @@ def ratios(
             (own("small-qsftp-1conn", engine), "small-sftp", "higher"),
             (own("handshake-qsftp", engine), own("handshake-bare", engine), "lower"),
         ]
+    for summary in summaries:  # each scaling row against one connection, one server process
+        case, on = _split_series(summary.series)
+        if _SCALING.match(case) and case != scaling_series(1, 1):
+            pairs.append((summary.series, series_name(scaling_series(1, 1), on), "higher"))
+    pairs = list(dict.fromkeys(pairs))  # a scaling row measured at several datagram sizes
     for engine in engines:
         if engine != "aioquic" and "aioquic" in engines:  # the engines side by side
             for case in ("qsftp-up", "qsftp-down", "bare"):
@@ -1722,6 +1922,36 @@ def _notes(summaries: list[Summary]) -> list[str]:
     return notes
 
 
+_SPREAD_HEADINGS = (
+    "case",
+    "datagram",
+    "server processes",
+    "busy per round",
+    "CPU s per process, per round",
+    "peak RSS MB per process",
+)
+_SPREAD_NOTE = (
+    "How the kernel spread the scaling rows' connections over the server processes: each "
+    "process's CPU seconds in each round, busiest first; a process is busy when it used at "
+    f"least {BUSY_WORKER_SHARE:.0%} of the server's CPU."
+)
+
+
+def _spread_rows(summaries: list[Summary]) -> list[list[str]]:
+    return [
+        [
+            s.series,
+            _dgram(s.max_datagram_size),
+            str(s.workers),
+            s.busy_workers,
+            s.worker_cpu_rounds,
+            " ".join(_mb(int(v)) for v in s.worker_rss_bytes.split()),
+        ]
+        for s in summaries
+        if s.workers is not None and s.n
+    ]
+
+
 def _dgram(value: int | None) -> str:
     return "–" if value is None else str(value)
 
@@ -1734,6 +1964,8 @@ def _ratio_text(r: Ratio) -> str:
     top, _, bottom = r.label.partition(" / ")
     if top.startswith("small-qsftp-1conn") and bottom.startswith("small-qsftp-per-file"):
         hint = "(one connection vs one per file)"
+    elif top.startswith("scaling-"):
+        hint = "(>1: faster than one connection to one server process)"
     elif (engine := _split_series(top)[1]) is not None and _split_series(bottom) == (
         _split_series(top)[0],
         None,
@@ -1758,6 +1990,13 @@ def render_text(header: list[tuple[str, str]], summaries: list[Summary], rs: lis
         lines.append("  ".join(cells).rstrip())
     if notes := _notes(summaries):
         lines += ["", "notes:", *[f"  {note}" for note in notes]]
+    if spread := _spread_rows(summaries):
+        lines += ["", "scaling: " + _SPREAD_NOTE]
+        lines += [
+            f"  {row[0]} @{row[1]}: processes {row[2]}, busy {row[3]}; CPU s {row[4]}; "
+            f"peak RSS MB {row[5]}"
+            for row in spread
+        ]
     lines += ["", "ratios of medians:"]
     lines += [f"  {_ratio_text(r)}" for r in rs] or ["  (none: no pair of cases measured)"]
     return "\n".join(lines) + "\n"
@@ -1773,6 +2012,10 @@ def render_markdown(
         lines.append("| " + " | ".join(cell or " " for cell in row) + " |")
     if notes := _notes(summaries):
         lines += ["", "Notes:", "", *[f"- {note}" for note in notes]]
+    if spread := _spread_rows(summaries):
+        lines += ["", _SPREAD_NOTE, ""]
+        lines += ["| " + " | ".join(_SPREAD_HEADINGS) + " |", "|" + "---|" * len(_SPREAD_HEADINGS)]
+        lines += ["| " + " | ".join(row) + " |" for row in spread]
     lines += ["", "Ratios of medians:", ""]
     lines += [f"- {_ratio_text(r)}" for r in rs]
     return "\n".join(lines) + "\n"
@@ -1880,6 +2123,19 @@ def _header(run: _Run, meta: dict[str, Any]) -> list[tuple[str, str]]:
         )
     if "handshake" in args.cases:
         header.append(("handshakes", f"{args.handshakes} per round, sequential, new connections"))
+    if "scaling" in args.cases:
+        header.append(
+            (
+                "scaling",
+                "the upload striped over N = "
+                + ", ".join(map(str, args.connections))
+                + " connections (one client process, one event loop) to a server of W = "
+                + ", ".join(map(str, args.workers))
+                + " processes on one port (qsftp.server --workers W, SO_REUSEPORT: the kernel "
+                "picks a process per connection by a hash of its addresses); rows "
+                "scaling-<N>c-<W>w",
+            )
+        )
     if run.ssh is not None:
         header.append(
             (
@@ -1920,6 +2176,8 @@ def _metadata(run: _Run) -> dict[str, Any]:
         small_file_size=SMALL_FILE_SIZE,
         small_concurrency=run.args.small_concurrency,
         handshakes=run.args.handshakes,
+        connections=run.args.connections,
+        workers=run.args.workers,
         cases=run.args.cases,
     )
     return meta
@@ -1989,6 +2247,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--handshakes", type=int, help=f"handshakes per round (default {DEFAULT_HANDSHAKES})"
     )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_CONNECTIONS),
+        metavar="N",
+        help="scaling case: connections the upload is striped over, one or more "
+        f"(default {' '.join(map(str, DEFAULT_CONNECTIONS))})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_WORKERS),
+        metavar="W",
+        help="scaling case: server processes sharing the port, one or more "
+        f"(default {' '.join(map(str, DEFAULT_WORKERS))})",
+    )
     parser.add_argument("--sshd", help="sshd binary (default: found on PATH or in /usr/sbin)")
     parser.add_argument("--timeout", type=float, help="per-transfer bound, s (default from size)")
     parser.add_argument(
@@ -2022,6 +2298,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--size must be at least 1 byte")
     if args.small_files < 0 or args.handshakes < 1 or args.small_concurrency < 1:
         parser.error("--small-files must be ≥ 0, --handshakes and --small-concurrency ≥ 1")
+    if min(args.connections) < 1 or min(args.workers) < 1:
+        parser.error("--connections and --workers must be at least 1")
+    args.connections = sorted(set(args.connections))
+    args.workers = sorted(set(args.workers))
     args.engine = list(dict.fromkeys(args.engine))
     try:
         ceiling = max(get_engine(engine).max_datagram_size for engine in args.engine)

@@ -186,3 +186,47 @@ def test_worker_modules_load_neither_pandas_nor_matplotlib() -> None:
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+SCALING_ROWS = ("scaling-1c-1w", "scaling-2c-1w", "scaling-1c-2w", "scaling-2c-2w")
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One quick run of the scaling case: 1 and 2 connections against 1 and 2 server processes."""
+    base = tmp_path_factory.mktemp("scaling")
+    return run_bench(
+        base, *QUICK, "--cases", "scaling", "--connections", "1", "2", "--workers", "1", "2"
+    )
+
+
+def test_scaling_case_measures_every_connections_and_workers_pair(scaling_run: Run) -> None:
+    assert scaling_run.returncode == 0, scaling_run.stderr
+    for series in SCALING_ROWS:
+        row = table_row(scaling_run.stdout, series)
+        assert re.search(rf"\s{NUMBER}\s+{NUMBER}–{NUMBER}\s", row), row
+    for series in SCALING_ROWS[1:]:
+        assert re.search(rf"{series} / scaling-1c-1w @1452: {NUMBER} ", scaling_run.stdout)
+    assert re.search(r"scaling-2c-2w @1452: processes 2, busy [12]; CPU s ", scaling_run.stdout)
+    text = scaling_run.markdown.read_text()
+    assert "| case | datagram | server processes | busy per round |" in text
+    assert "| scaling-2c-2w | 1452 | 2 |" in text
+
+
+def test_scaling_server_cpu_is_summed_over_running_worker_processes(scaling_run: Run) -> None:
+    """A worker that is still running is not in its supervisor's cutime: each is read itself."""
+    with open(scaling_run.csv, newline="") as file:
+        rows = {row["series"]: row for row in csv.DictReader(file)}
+    assert set(rows) == set(SCALING_ROWS)
+    for series, row in rows.items():
+        connections, workers = (int(n) for n in re.findall(r"\d+", series))
+        assert (int(row["connections"]), int(row["workers"])) == (connections, workers)
+        assert float(row["value"]) > 0 and row["error"] == ""
+        worker_cpu = [float(v) for v in row["worker_cpu_s"].split()]
+        worker_rss = [int(v) for v in row["worker_rss_bytes"].split()]
+        assert len(worker_cpu) == len(worker_rss) == workers
+        assert all(rss > 0 for rss in worker_rss)
+        assert sum(worker_cpu) > 0
+        # The supervisor adds its own (tiny) share; the workers' CPU is all there.
+        assert float(row["server_cpu_s"]) >= sum(worker_cpu) - 1e-6
+        assert int(row["server_rss_bytes"]) >= max(worker_rss)
