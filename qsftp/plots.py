@@ -404,7 +404,7 @@ def _caption(rows: pd.DataFrame, varying: set[str]) -> str:
         text = template.format(float(up) * factor)
         if down != up:
             text = f"{text} up / {template.format(float(down) * factor)} down"
-        parts.append(text)
+        parts.append("no loss" if field == "loss" and up == down == 0 else text)
     size, direction = constant("file_size_bytes"), constant("direction")
     if size is not None:
         parts.append(f"{_size_label(float(size))} {direction or 'transfer'}s")

@@ -361,6 +361,11 @@ def link_frame(directions: tuple[str, ...] = ("upload",)) -> pd.DataFrame:
     return df
 
 
+def caption(ax: Axes) -> str:
+    """The title's lines after the first, joined (the caption is wrapped to the figure)."""
+    return " ".join(ax.get_title().split("\n")[1:])
+
+
 def medians(ax: Axes) -> list[list[float]]:
     return sorted(list(c.lines[0].get_ydata()) for c in ax.containers)  # type: ignore[attr-defined]
 
@@ -381,25 +386,27 @@ def test_plot_vs_link_draws_one_line_per_congestion_control_at_each_loss() -> No
 
 
 def test_plot_vs_link_titles_the_shared_link_and_the_repeats() -> None:
-    title = plot_vs_link(link_frame()).get_title()
-    assert title.startswith("Throughput vs packet loss — upload")
-    caption = " ".join(title.split("\n")[1:])
+    ax = plot_vs_link(link_frame())
+    assert ax.get_title().startswith("Throughput vs packet loss — upload\n")
+    text = caption(ax)
     for part in ("10 ms one way", "50 Mbit/s", "2 MB transfers", "1200-byte datagrams"):
-        assert part in caption
-    assert "3 transfers per point" in caption
-    assert "% loss" not in caption  # loss is the x axis, not a shared setting
-    assert "receive window" not in caption  # the default window is not worth a mention
+        assert part in text
+    assert "3 transfers per point" in text
+    assert "loss" not in text  # loss is the x axis, not a shared setting
+    assert "receive window" not in text  # the default window is not worth a mention
 
 
 def test_plot_vs_link_plots_completion_time_against_delay() -> None:
     df = link_frame()
     df["link_up_delay_ms"] = df["link_down_delay_ms"] = df["link_up_loss"] * 1000
+    df["link_up_loss"] = df["link_down_loss"] = 0.0
     ax = plot_vs_link(df, x="link_up_delay_ms", y="seconds", hue=None)
+    assert "no loss, 50 Mbit/s" in caption(ax)
     assert ax.get_xlabel() == "one-way delay, each direction (ms)"
     assert ax.get_ylabel() == "completion time (s)"
     assert tick_labels(ax.get_xticklabels()) == ["0", "10", "50"]
     assert len(ax.containers) == 1  # no hue: reno and cubic pooled
-    assert "6 transfers per point" in ax.get_title()
+    assert "6 transfers per point" in caption(ax)
     assert ax.get_legend() is None
 
 
@@ -425,7 +432,7 @@ def test_plot_vs_link_labels_sizes_and_one_way_links() -> None:
     ax = plot_vs_link(df, x="link_up_delay_ms", hue="receive_window_bytes")
     assert ax.get_xlabel() == "one-way delay, client → server (ms)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["256 KiB", "2 MiB"]
-    assert "1% loss" in ax.get_title()
+    assert "1% loss" in caption(ax)
 
 
 def test_plot_vs_link_refuses_a_missing_column() -> None:
