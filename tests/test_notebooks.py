@@ -168,8 +168,7 @@ def test_inside_quic_notebook_loads_the_trace_and_plots_it(
 
 
 # Two losses, two delays, one repeat: 5 + 9 + 3 transfers (warm-ups included) and two traced
-# uploads. The small window stays at 256 KiB: much smaller ones can stall a transfer
-# (docs/NETWORK-LAB.md) and would show nothing with a 300 kB file anyway.
+# uploads, plus the QUIC vs TCP cells (the packet-level one only where it can run).
 SMALL_NETWORK = (
     "RATE_MBPS = 50.0\n"
     "DATAGRAM_SIZE = 1452\n"
