@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         plot_overview,
         plot_qlog,
         plot_sizes,
+        plot_vs_link,
         save_figure,
     )
     from .server import Limits, QsftpServer, serve
@@ -98,6 +99,7 @@ __all__ = [
     "plot_overview",
     "plot_qlog",
     "plot_sizes",
+    "plot_vs_link",
     "save_figure",
     "save_results",
     "serve",
@@ -156,6 +158,7 @@ _EXPORTS: dict[str, str] = {
     "plot_overview": "plots",
     "plot_qlog": "plots",
     "plot_sizes": "plots",
+    "plot_vs_link": "plots",
     "save_figure": "plots",
 }
 

@@ -10,6 +10,7 @@ Sizes are labelled the way they were chosen: 64000 as "64 kB", 65536 as "64 KiB"
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from matplotlib.ticker import NullLocator
 from . import qlog
 from .errors import UsageError
 from .experiment import measured
+from .session import RECEIVE_WINDOW
 
 __all__ = [
     "plot_chunk_size",
@@ -33,6 +35,7 @@ __all__ = [
     "plot_overview",
     "plot_qlog",
     "plot_sizes",
+    "plot_vs_link",
     "save_figure",
 ]
 
@@ -83,10 +86,13 @@ def _directions(df: pd.DataFrame) -> list[str]:
     return [d for d in _DIRECTIONS if d in present]
 
 
-def _stats(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    grouped = measured(df).groupby(by)["throughput_mbps"]
+def _stats(df: pd.DataFrame, by: list[str], y: str = "throughput_mbps") -> pd.DataFrame:
+    grouped = measured(df).groupby(by)[y]
     return grouped.agg(
-        median="median", q1=lambda s: s.quantile(0.25), q3=lambda s: s.quantile(0.75)
+        median="median",
+        q1=lambda s: s.quantile(0.25),
+        q3=lambda s: s.quantile(0.75),
+        n="count",
     ).reset_index()
 
 
@@ -303,6 +309,207 @@ def _run_title(df: pd.DataFrame) -> str:
         + f", Python {attrs.get('python_version', '?')}, {attrs.get('cpu_count', '?')} CPUs"
         + f"; run {attrs.get('run_id', '?')}"
     )
+
+
+# --- one measure against one link (or other) parameter --------------------------------------
+
+# Link profile fields plot_vs_link can name: field -> (name, unit, display factor).
+_LINK_FIELDS: dict[str, tuple[str, str, float]] = {
+    "loss": ("packet loss", "%", 100.0),
+    "expected_loss": ("packet loss", "%", 100.0),
+    "delay_ms": ("one-way delay", "ms", 1.0),
+    "jitter_ms": ("jitter", "ms", 1.0),
+    "rate_mbps": ("bottleneck rate", "Mbit/s", 1.0),
+    "queue_packets": ("bottleneck queue", "packets", 1.0),
+    "reorder": ("reordering", "%", 100.0),
+    "duplicate": ("duplication", "%", 100.0),
+    "corrupt": ("corruption", "%", 100.0),
+}
+# Axis and legend labels of other columns.
+_COLUMN_LABELS = {
+    "throughput_mbps": "throughput (Mbit/s)",
+    "seconds": "completion time (s)",
+    "handshake_ms": "handshake (ms)",
+    "session_ms": "session setup (ms)",
+    "smoothed_rtt_ms": "smoothed RTT at the end (ms)",
+    "packets_sent": "packets sent by the client",
+    "packets_lost": "client packets declared lost",
+    "client_cpu_s": "client CPU (s)",
+    "server_cpu_s": "server CPU (s)",
+    "file_size_bytes": "file size (bytes)",
+    "chunk_size_bytes": "chunk size (bytes)",
+    "max_datagram_size": "datagram size (bytes)",
+    "receive_window_bytes": "receive window (bytes)",
+    "congestion_control": "congestion control",
+}
+# The series of one figure are nudged apart by this share of the x range, so their error
+# bars do not hide each other.
+_VS_DODGE = 0.012
+# Characters per line of a title's caption: what fits above a 6.4-inch figure.
+_CAPTION_WIDTH = 72
+
+
+def _link_field(column: str) -> tuple[str, str] | None:
+    """("up" | "down", field) for a link profile column such as ``link_up_loss``."""
+    for side in ("up", "down"):
+        prefix = f"link_{side}_"
+        if column.startswith(prefix) and column[len(prefix) :] in _LINK_FIELDS:
+            return side, column[len(prefix) :]
+    return None
+
+
+def _column_label(column: str, rows: pd.DataFrame) -> str:
+    link = _link_field(column)
+    if link is None:
+        return _COLUMN_LABELS.get(column, column)
+    side, field = link
+    name, unit, _ = _LINK_FIELDS[field]
+    up, down = rows.get(f"link_up_{field}"), rows.get(f"link_down_{field}")
+    if up is not None and down is not None and up.fillna(-1.0).eq(down.fillna(-1.0)).all():
+        where = "each direction"
+    else:
+        where = "client → server" if side == "up" else "server → client"
+    return f"{name}, {where} ({unit})"
+
+
+def _display(column: str, value: Any) -> str:
+    """A value as a legend shows it: sizes in their units, shares in %."""
+    link = _link_field(column)
+    if link is not None:
+        _, unit, factor = _LINK_FIELDS[link[1]]
+        return f"{float(value) * factor:g} {unit}"
+    if column.endswith("_bytes"):
+        return _size_label(float(value))
+    return str(value)
+
+
+def _caption(rows: pd.DataFrame, varying: set[str]) -> str:
+    """The settings every row shares, e.g. ``10 ms one way, 50 Mbit/s, 2 MB upload, reno``."""
+
+    def constant(column: str) -> Any:
+        if column in varying or column not in rows or rows[column].isna().any():
+            return None
+        values = rows[column].unique()
+        return values[0] if len(values) == 1 else None
+
+    parts: list[str] = []
+    for field, template, factor in (
+        ("delay_ms", "{:g} ms one way", 1.0),
+        ("loss", "{:g}% loss", 100.0),
+        ("rate_mbps", "{:g} Mbit/s", 1.0),
+    ):
+        up, down = constant(f"link_up_{field}"), constant(f"link_down_{field}")
+        if up is None or down is None:
+            continue
+        text = template.format(float(up) * factor)
+        if down != up:
+            text = f"{text} up / {template.format(float(down) * factor)} down"
+        parts.append("no loss" if field == "loss" and up == down == 0 else text)
+    size, direction = constant("file_size_bytes"), constant("direction")
+    if size is not None:
+        parts.append(f"{_size_label(float(size))} {direction or 'transfer'}s")
+    elif direction is not None:
+        parts.append(f"{direction}s")
+    if (datagram := constant("max_datagram_size")) is not None:
+        parts.append(f"{int(datagram)}-byte datagrams")
+    for column in ("congestion_control", "transport"):
+        if (value := constant(column)) is not None:
+            parts.append(str(value))
+    window = constant("receive_window_bytes")
+    if window is not None and window != RECEIVE_WINDOW:
+        parts.append(f"{_size_label(float(window))} receive window")
+    return ", ".join(parts)
+
+
+def plot_vs_link(
+    df: pd.DataFrame,
+    x: str = "link_up_loss",
+    *,
+    y: str = "throughput_mbps",
+    hue: str | None = "congestion_control",
+    ax: Axes | None = None,
+    direction: str | None = None,
+) -> Axes:
+    """``y`` (median, IQR error bars) against a link parameter ``x``, one line per value of
+    ``hue`` and per direction.
+
+    ``x`` is a numeric column, typically a link profile column of a ``sweep(links=...)``
+    frame (``link_up_loss``, ``link_up_delay_ms``, ``link_up_rate_mbps``, …; shares such as
+    loss are drawn in %); rows without a value there (direct rows) are left out. ``y`` is
+    ``throughput_mbps`` or another measured column (``seconds`` for the completion time).
+    ``hue`` is the column the lines are split by (``congestion_control``, ``transport``,
+    ``receive_window_bytes``, …) or None. The title's second line names the settings all
+    plotted rows share (delay, loss and rate of the link, file size and direction, datagram
+    size, congestion control, a receive window other than the default) and how many
+    transfers each point summarises.
+    """
+    for column in (x, y, hue):
+        if column is not None and column not in df.columns:
+            raise UsageError(f"the frame has no column {column!r}")
+    ax = _axes(ax, (6.4, 4.6))
+    data = _select(df, direction)
+    data = data[data[x].notna()]
+    link = _link_field(x)
+    factor = _LINK_FIELDS[link[1]][2] if link else 1.0
+    keys = ["direction", hue] if hue and hue != "direction" else ["direction"]
+    stats = _stats(data, [*keys, x], y)
+    directions = _directions(stats)
+    colours = _colours(list(stats[hue])) if hue else {}
+    rank = {value: i for i, value in enumerate(colours)}
+    series = sorted(
+        stats.groupby(keys),
+        key=lambda item: (_DIRECTIONS.index(str(item[0][0])), rank.get(item[0][-1], 0)),
+    )
+    positions = sorted(set(stats[x].astype(float) * factor))
+    span = positions[-1] - positions[0] if len(positions) > 1 else 1.0
+    for index, (key, unsorted) in enumerate(series):
+        group = unsorted.sort_values(x)
+        offset = (index - (len(series) - 1) / 2) * _VS_DODGE * span
+        error = np.vstack([group["median"] - group["q1"], group["q3"] - group["median"]])
+        ax.errorbar(
+            group[x].astype(float) * factor + offset,
+            group["median"],
+            yerr=error,
+            color=colours[key[-1]] if hue else "C0",
+            capsize=3,
+            **_STYLE[str(key[0])],
+        )
+    if stats.empty:
+        _no_data(ax)
+    else:
+        ax.set_xticks(positions, [f"{value:g}" for value in positions])
+        ax.xaxis.set_minor_locator(NullLocator())
+        handles = [
+            Line2D([], [], color=colour, linewidth=2, label=_display(str(hue), value))
+            for value, colour in colours.items()
+        ]
+        if len(directions) > 1:
+            handles += [Line2D([], [], color="0.3", label=d, **_STYLE[d]) for d in directions]
+        if handles:
+            name = _COLUMN_LABELS.get(str(hue), str(hue)).split(" (")[0]
+            ax.legend(
+                handles=handles,
+                title=f"{name} (median, IQR)" if hue else None,
+                fontsize="small",
+                title_fontsize="small",
+            )
+    x_label, y_label = _column_label(x, data), _COLUMN_LABELS.get(y, y)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    what, against = y_label.split(" (")[0], x_label.split(",")[0].split(" (")[0]
+    title = _title(f"{what[:1].upper()}{what[1:]} vs {against}", directions)
+    varying = {x, *keys}
+    if link is not None:
+        varying |= {f"link_up_{link[1]}", f"link_down_{link[1]}"}
+    parts = [_caption(measured(data), varying)] if not stats.empty else []
+    counts = sorted(set(stats["n"]))
+    if counts:
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        parts.append(f"{n} transfer{'s' if counts[-1] > 1 else ''} per point")
+    caption = textwrap.fill("; ".join(p for p in parts if p), _CAPTION_WIDTH)
+    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    _finish(ax)
+    return ax
 
 
 def plot_qlog(frame_or_path: pd.DataFrame | str | os.PathLike[str], ax: Axes | None = None) -> Axes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -694,7 +695,16 @@ async def receive_body(
     granted to the peer only as writes complete.
     """
     in_flight: asyncio.Future[None] | None = None
-    in_flight_size = 0
+    receiving = True
+
+    def written(future: asyncio.Future[None], size: int) -> None:
+        # Credit goes back the moment a write completes, not when the next DATA arrives: a
+        # write may hold most of the window, and then no more DATA can come until it is back.
+        if receiving and not future.cancelled() and future.exception() is None:
+            protocol.consumed(channel.stream_id, size)
+            if progress is not None:
+                progress(size)
+
     data: bytes | None = first
     try:
         while True:
@@ -702,12 +712,9 @@ async def receive_body(
                 parts, total = channel.take_data(data, READ_BLOCK)
                 blob = parts[0] if len(parts) == 1 else b"".join(parts)
                 if in_flight is not None:
-                    await in_flight
-                    protocol.consumed(channel.stream_id, in_flight_size)
-                    if progress is not None:
-                        progress(in_flight_size)
+                    await in_flight  # one write at a time; raises the write's error
                 in_flight = asyncio.ensure_future(asyncio.to_thread(write, blob))
-                in_flight_size = total
+                in_flight.add_done_callback(functools.partial(written, size=total))
             event = await channel.next_event()
             if isinstance(event, DataReceived):
                 data = event.data
@@ -715,11 +722,9 @@ async def receive_body(
             if in_flight is not None:
                 await in_flight
                 in_flight = None
-                protocol.consumed(channel.stream_id, in_flight_size)
-                if progress is not None:
-                    progress(in_flight_size)
             return event
     finally:
+        receiving = False  # no credit for a write that completes after the body failed
         if in_flight is not None:
             # Let a started write finish before the caller aborts the file under it.
             await asyncio.gather(in_flight, return_exceptions=True)

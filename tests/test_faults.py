@@ -11,7 +11,7 @@ import pytest
 from helpers import make_file, partials, run
 
 import qsftp
-from qsftp.netem import LinkEmulator, LinkProfile
+from qsftp.netem import LinkEmulator, LinkProfile, StreamRelay
 
 SIZE = 400_000
 
@@ -114,3 +114,38 @@ def test_a_port_rebinding_mid_transfer_is_survived(tmp_path: Path) -> None:
     result = run(lambda: _upload_disturbed(src, root, rebind))
     _check(root, "f.bin", src, result)
     assert isinstance(result, qsftp.TransferResult)
+
+
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+def test_a_receive_window_smaller_than_a_round_trip_of_data_does_not_stall(
+    tmp_path: Path, transport: str
+) -> None:
+    """With a 16 KiB window over a 25 ms link, one disk write holds most of the window: the
+    receiver must return that credit when the write completes, not when more data arrives
+    (none can; the transfer would wait for its idle timeout)."""
+    src = make_file(tmp_path / "f.bin", 300_000)
+    root = tmp_path / "root"
+    back = tmp_path / "back.bin"
+    window = 16 * 1024
+
+    async def body() -> tuple[object, object]:
+        async with qsftp.serve(root, receive_window=window, transport=transport) as server:
+            if transport == "quic":
+                relay = LinkEmulator((server.host, server.port), delay_ms=25)
+            else:
+                relay = StreamRelay((server.host, server.port), delay_ms=25)
+            async with relay as link:
+                options = {
+                    "pin": server.fingerprint,
+                    "receive_window": window,
+                    "transport": transport,
+                    "timeout": 10,
+                }
+                async with asyncio.timeout(20):  # a stalled stream would wait 60 s
+                    up = await qsftp.upload(src, link.host, link.port, **options)
+                    down = await qsftp.download("f.bin", back, link.host, link.port, **options)
+                return up, down
+
+    up, down = run(body)
+    _check(root, "f.bin", src, up)
+    assert isinstance(down, qsftp.TransferResult) and back.read_bytes() == src.read_bytes()

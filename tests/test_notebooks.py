@@ -112,7 +112,13 @@ def text_of(nb: Any) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["01_quickstart.ipynb", "02_sizes_and_chunks.ipynb", "04_inside_quic.ipynb"]
+    "name",
+    [
+        "01_quickstart.ipynb",
+        "02_sizes_and_chunks.ipynb",
+        "03_network_conditions.ipynb",
+        "04_inside_quic.ipynb",
+    ],
 )
 def test_the_committed_notebook_keeps_its_outputs(name: str) -> None:
     """Outputs are part of the notebook: a reader sees results without running it."""
@@ -159,3 +165,40 @@ def test_inside_quic_notebook_loads_the_trace_and_plots_it(
     assert "packets declared lost" in text
     assert any("image/png" in o.get("data", {}) for o in outputs(nb))
     assert list((tmp_path / "tmp").iterdir()) == []  # the demo removed its directory
+
+
+# Two losses, two delays, one repeat: 5 + 9 + 3 transfers (warm-ups included) and two traced
+# uploads, plus the QUIC vs TCP cells (the packet-level one only where it can run).
+SMALL_NETWORK = (
+    "RATE_MBPS = 50.0\n"
+    "DATAGRAM_SIZE = 1452\n"
+    "LOSSES = [0.0, 0.02]\n"
+    "LOSS_DELAY_MS = 5.0\n"
+    'LOSS_FILE_SIZE = "300KB"\n'
+    "DELAYS_MS = [0.0, 10.0]\n"
+    'FILE_SIZES = ["50KB", "300KB"]\n'
+    "SMALL_WINDOW = 262_144\n"
+    'CONGESTION_CONTROLS = ["reno", "cubic"]\n'
+    "REPEATS = 1\n"
+    "QLOG_LOSS = 0.02\n"
+    "SEED = 1\n"
+    "PROGRESS = False\n"
+)
+
+
+def test_network_notebook_sweeps_loss_and_delay_and_traces_both_algorithms(
+    kernel_env: None, tmp_path: Path
+) -> None:
+    nb = run_notebook("03_network_conditions.ipynb", SMALL_NETWORK, tmp_path / "run")
+    text = text_of(nb)
+    assert "loss sweep: 5 transfers (0 failed, 1 warm-up)" in text
+    assert "delay sweep: 9 transfers (0 failed, 1 warm-up)" in text
+    assert "window sweep: 3 transfers (0 failed, 1 warm-up)" in text
+    assert re.search(r"^reno: verified True", text, re.MULTILINE)
+    assert re.search(r"^cubic: verified True", text, re.MULTILINE)
+    assert "Mathis constant with this cut" in text
+    # QUIC vs TCP runs where sweep() has transport=, and otherwise says why it did not.
+    assert "QUIC vs TCP, delay:" in text or "QUIC vs TCP: skipped" in text
+    images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # loss, qlog, delay, window
+    assert list((tmp_path / "tmp").iterdir()) == []  # the notebook removed its directory

@@ -21,13 +21,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from qsftp.errors import UsageError
-from qsftp.experiment import COLUMNS, summarize, sweep
+from qsftp.experiment import COLUMNS, LINK_COLUMNS, summarize, sweep
 from qsftp.plots import (
     plot_chunk_size,
     plot_distribution,
     plot_heatmap,
     plot_overview,
     plot_sizes,
+    plot_vs_link,
     save_figure,
 )
 
@@ -306,3 +307,144 @@ def test_overview_of_a_real_sweep_saves(real: pd.DataFrame, tmp_path: Path) -> N
     assert len(figure.axes) == 4
     assert real.attrs["run_id"] in figure.get_suptitle()
     assert save_figure(figure, tmp_path / "real.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# --- plot_vs_link -----------------------------------------------------------------------------
+
+LOSSES = [0.0, 0.01, 0.05]
+
+
+def link_row(
+    direction: str,
+    loss: float,
+    cc: str,
+    repeat: int,
+    mbps: float,
+    *,
+    up_delay_ms: float = 10.0,
+    down_delay_ms: float = 10.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A row of a ``sweep(links=...)`` frame: 10 ms, ``loss``, 50 Mbit/s each way."""
+    values: dict[str, Any] = dict.fromkeys(COLUMNS + LINK_COLUMNS)
+    values.update(row(direction, 2_000_000, 65536, repeat, mbps, congestion_control=cc))
+    values.update(link="lossy", link_mode="udp-relay", receive_window_bytes=2 * 1024 * 1024)
+    for side, delay in (("up", up_delay_ms), ("down", down_delay_ms)):
+        values.update({f"link_{side}_delay_ms": delay, f"link_{side}_rate_mbps": 50.0})
+        values[f"link_{side}_loss"] = loss
+    values.update(extra)
+    return values
+
+
+def link_mbps(direction: str, loss: float, cc: str, repeat: int) -> float:
+    """Distinct values: more loss slower, cubic faster than reno, downloads slower."""
+    base = 40.0 - 500 * loss + (5 if cc == "cubic" else 0)
+    return base * (0.5 if direction == "download" else 1.0) + repeat
+
+
+def link_frame(directions: tuple[str, ...] = ("upload",)) -> pd.DataFrame:
+    """Every loss × congestion control ``REPEATS`` times, plus a warm-up, a failed row and a
+    direct row (no link columns), which the figure must leave out."""
+    rows = [
+        link_row(d, loss, cc, r, link_mbps(d, loss, cc, r))
+        for d, loss, cc, r in itertools.product(
+            directions, LOSSES, ["reno", "cubic"], range(REPEATS)
+        )
+    ]
+    rows.append(link_row(directions[0], 0.0, "reno", -1, 1e6, warmup=True))
+    rows.append(link_row(directions[0], 0.0, "reno", 0, 1e6, error="TransportError: x"))
+    direct = dict.fromkeys(COLUMNS + LINK_COLUMNS)
+    direct.update(row(directions[0], 2_000_000, 65536, 0, 1e6), link="direct")
+    rows.append(direct)
+    df = pd.DataFrame(rows, columns=COLUMNS + LINK_COLUMNS)
+    df.attrs.update(ATTRS)
+    return df
+
+
+def caption(ax: Axes) -> str:
+    """The title's lines after the first, joined (the caption is wrapped to the figure)."""
+    return " ".join(ax.get_title().split("\n")[1:])
+
+
+def medians(ax: Axes) -> list[list[float]]:
+    return sorted(list(c.lines[0].get_ydata()) for c in ax.containers)  # type: ignore[attr-defined]
+
+
+def test_plot_vs_link_draws_one_line_per_congestion_control_at_each_loss() -> None:
+    ax = plot_vs_link(link_frame())
+    assert len(ax.containers) == 2  # reno, cubic: the direct row, warm-up and failure left out
+    expected = sorted(
+        [link_mbps("upload", loss, cc, 1) for loss in LOSSES] for cc in ("reno", "cubic")
+    )
+    assert medians(ax) == expected
+    assert tick_labels(ax.get_xticklabels()) == ["0", "1", "5"]  # loss in %
+    assert ax.get_xlabel() == "packet loss, each direction (%)"
+    assert ax.get_ylabel() == "throughput (Mbit/s)"
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["cubic", "reno"]
+    assert "congestion control" in legend.get_title().get_text()
+
+
+def test_plot_vs_link_titles_the_shared_link_and_the_repeats() -> None:
+    ax = plot_vs_link(link_frame())
+    assert ax.get_title().startswith("Throughput vs packet loss — upload\n")
+    text = caption(ax)
+    for part in ("10 ms one way", "50 Mbit/s", "2 MB transfers", "1200-byte datagrams"):
+        assert part in text
+    assert "3 transfers per point" in text
+    assert "loss" not in text  # loss is the x axis, not a shared setting
+    assert "receive window" not in text  # the default window is not worth a mention
+
+
+def test_plot_vs_link_plots_completion_time_against_delay() -> None:
+    df = link_frame()
+    df["link_up_delay_ms"] = df["link_down_delay_ms"] = df["link_up_loss"] * 1000
+    df["link_up_loss"] = df["link_down_loss"] = 0.0
+    ax = plot_vs_link(df, x="link_up_delay_ms", y="seconds", hue=None)
+    assert "no loss, 50 Mbit/s" in caption(ax)
+    assert ax.get_xlabel() == "one-way delay, each direction (ms)"
+    assert ax.get_ylabel() == "completion time (s)"
+    assert tick_labels(ax.get_xticklabels()) == ["0", "10", "50"]
+    assert len(ax.containers) == 1  # no hue: reno and cubic pooled
+    assert "6 transfers per point" in caption(ax)
+    assert ax.get_legend() is None
+
+
+def test_plot_vs_link_keeps_directions_apart() -> None:
+    ax = plot_vs_link(link_frame(("upload", "download")))
+    assert len(ax.containers) == 4
+    styles = sorted(c.lines[0].get_linestyle() for c in ax.containers)  # type: ignore[attr-defined]
+    assert styles == ["-", "-", "--", "--"]
+    assert "upload" in [t.get_text() for t in ax.get_legend().get_texts()]
+    one = plot_vs_link(link_frame(("upload", "download")), direction="upload")
+    assert len(one.containers) == 2
+    assert "upload" in one.get_title()
+
+
+def test_plot_vs_link_labels_sizes_and_one_way_links() -> None:
+    rows = [
+        link_row("upload", 0.01, "reno", r, 10.0 + r, up_delay_ms=delay, down_delay_ms=5.0)
+        for delay in (10.0, 50.0)
+        for r in range(REPEATS)
+    ]
+    rows += [{**r, "receive_window_bytes": 262_144, "throughput_mbps": 1.0} for r in rows]
+    df = pd.DataFrame(rows, columns=COLUMNS + LINK_COLUMNS)
+    ax = plot_vs_link(df, x="link_up_delay_ms", hue="receive_window_bytes")
+    assert ax.get_xlabel() == "one-way delay, client → server (ms)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["256 KiB", "2 MiB"]
+    assert "1% loss" in caption(ax)
+
+
+def test_plot_vs_link_refuses_a_missing_column() -> None:
+    with pytest.raises(UsageError, match="no_such_column"):
+        plot_vs_link(link_frame(), hue="no_such_column")
+    with pytest.raises(UsageError, match="nope"):
+        plot_vs_link(link_frame(), x="nope")
+
+
+def test_plot_vs_link_without_successful_transfers_says_so() -> None:
+    df = link_frame()
+    df["error"] = "TransportError: refused"
+    ax = plot_vs_link(df)
+    assert any("no successful transfers" in t.get_text() for t in ax.texts)
+    assert ax.get_xlabel() and ax.get_ylabel()
