@@ -605,39 +605,27 @@ class Connection:
             stats_start, cpu_start = self.stats(), cpu_time()
             started = time.perf_counter()
             protocol.qsftp.send_get(channel.stream_id, name, chunk_size=chunk_size)
-            protocol.flush()
-            event = await channel.next_event()
-            if not isinstance(event, FileStarted):
-                raise event_error(event)
-            size, mtime_ns = event.size, event.mtime_ns
+            started_event = await self._file_started(channel)
+            size = started_event.size
             if on_start is not None:
                 on_start(size)
             writer = await asyncio.to_thread(fs.open_local_writer, target, size=size)
             try:
-                event = await channel.next_event()
-                if isinstance(event, DataReceived):
-                    event = await receive_body(
-                        protocol, channel, writer.write, first=event.data, progress=progress
-                    )
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
+                event = await self._receive_file(channel, writer.write, progress)
                 digest = await asyncio.to_thread(writer.commit, expected_sha256=event.sha256.hex())
             finally:
                 writer.abort()
-            with contextlib.suppress(OSError):
-                os.utime(target, ns=(mtime_ns, mtime_ns))
-            return self._result(
-                op="download",
-                name=name,
-                local_path=target,
-                size=size,
+            return self._downloaded(
+                name,
+                target,
+                started_event,
+                event,
                 started=started,
                 started_at=started_at,
                 cpu_start=cpu_start,
                 stats_start=stats_start,
                 sha256=digest,
                 chunk_size=chunk_size,
-                server_cpu_us=event.server_cpu_us,
             )
 
     async def _download_resumable(
@@ -660,11 +648,8 @@ class Connection:
                 protocol.qsftp.send_get_from(
                     channel.stream_id, name, chunk_size=chunk_size, offset=held, sha256=held_digest
                 )
-                protocol.flush()
-                event = await channel.next_event()
-                if not isinstance(event, FileStarted):
-                    raise event_error(event)
-                size, mtime_ns, offset = event.size, event.mtime_ns, event.offset
+                started_event = await self._file_started(channel)
+                size, offset = started_event.size, started_event.offset
                 if offset != held:
                     logger.info(
                         "%s: the partial download is not a prefix of it: starting over", name
@@ -674,33 +659,82 @@ class Connection:
                     on_start(size)
                 if progress is not None and offset:
                     progress(offset)
-                event = await channel.next_event()
-                if isinstance(event, DataReceived):
-                    event = await receive_body(
-                        protocol, channel, partial.write, first=event.data, progress=progress
-                    )
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
+                event = await self._receive_file(channel, partial.write, progress)
                 digest = await asyncio.to_thread(
                     partial.commit, size=size, expected_sha256=event.sha256.hex()
                 )
         finally:
             partial.close()  # kept, unless committed or found wrong
-        with contextlib.suppress(OSError):
-            os.utime(target, ns=(mtime_ns, mtime_ns))
-        return self._result(
-            op="download",
-            name=name,
-            local_path=target,
-            size=size,
+        return self._downloaded(
+            name,
+            target,
+            started_event,
+            event,
             started=started,
             started_at=started_at,
             cpu_start=cpu_start,
             stats_start=stats_start,
             sha256=digest,
             chunk_size=chunk_size,
-            server_cpu_us=event.server_cpu_us,
             resumed_bytes=offset,
+        )
+
+    async def _file_started(self, channel: Channel) -> FileStarted:
+        """Send what was queued for a GET and wait for the server's FileStarted."""
+        self._protocol.flush()
+        event = await channel.next_event()
+        if not isinstance(event, FileStarted):
+            raise event_error(event)
+        return event
+
+    async def _receive_file(
+        self,
+        channel: Channel,
+        write: Callable[[bytes], None],
+        progress: Callable[[int], None] | None,
+    ) -> OperationDone:
+        """Receive a GET's data into ``write`` up to the server's OperationDone."""
+        event = await channel.next_event()
+        if isinstance(event, DataReceived):
+            event = await receive_body(
+                self._protocol, channel, write, first=event.data, progress=progress
+            )
+        if not isinstance(event, OperationDone):
+            raise event_error(event)
+        return event
+
+    def _downloaded(
+        self,
+        name: str,
+        target: Path,
+        started_event: FileStarted,
+        done: OperationDone,
+        *,
+        started: float,
+        started_at: str,
+        cpu_start: float,
+        stats_start: QuicStats,
+        sha256: str,
+        chunk_size: int,
+        resumed_bytes: int = 0,
+    ) -> TransferResult:
+        """A committed download: the remote mtime set on ``target``, and its result."""
+        mtime_ns = started_event.mtime_ns
+        with contextlib.suppress(OSError):
+            os.utime(target, ns=(mtime_ns, mtime_ns))
+        return self._result(
+            op="download",
+            name=name,
+            local_path=target,
+            size=started_event.size,
+            started=started,
+            started_at=started_at,
+            cpu_start=cpu_start,
+            stats_start=stats_start,
+            sha256=sha256,
+            chunk_size=chunk_size,
+            server_cpu_us=done.server_cpu_us,
+            resumed_bytes=resumed_bytes,
         )
 
     async def _entries(self, send: Callable[[int], None]) -> list[fs.Entry]:
