@@ -1509,27 +1509,12 @@ def _start_servers(run: _Run, stack: contextlib.ExitStack) -> None:
     )
     for dgram, engine in _quic_settings(run):
         if needs_qsftp:
-            root = run.workdir / f"root-{dgram}-{engine}"
-            root.mkdir()
-            _link_or_copy(run.file, root / run.file.name)
-            # The server CLI picks its event loop from QSFTP_LOOP (set in run.env).
-            command = [sys.executable, "-m", "qsftp.server", "--host", "127.0.0.1", "--port", "0"]
-            command += ["--root", str(root), "--state-dir", str(run.certfile.parent)]
-            command += run.quic_options(dgram, engine)
-            server, match = _start_server(
-                f"qsftp-server-{dgram}-{engine}",
-                command,
-                pattern=_READY_QSFTP,
-                workdir=run.workdir,
-                env=run.env,
+            server = _start_qsftp_server(
+                run, stack, f"{dgram}-{engine}", run.quic_options(dgram, engine), serve=run.file
             )
-            server.pin, server.root = match.group("fp"), root
-            stack.callback(server.stop)
             run.qsftp_servers[dgram, engine] = server
             # One unmeasured connection: the first in a fresh process pays for lazy set-up.
-            extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
-            probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram, engine))
-            run.server_says[dgram, engine] = str(probe.get("server", "?"))
+            _probe_qsftp_server(run, server, dgram, engine)
         if "scaling" in cases:
             for workers in args.workers:
                 _start_scaling_server(run, stack, dgram, engine, workers)
@@ -1582,11 +1567,34 @@ def _start_scaling_server(
 ) -> None:
     """A ``qsftp.server --workers W`` (W > 1: a supervisor and W processes on one port)."""
     name = f"scaling-{dgram}-{engine}-{workers}w"
+    options = [*run.quic_options(dgram, engine), "--workers", str(workers)]
+    server = _start_qsftp_server(run, stack, name, options)
+    # The supervisor prints its ready line once every worker has printed its own.
+    server.workers = _children(server.pid) if workers > 1 else [server.pid]
+    if len(server.workers) != workers:
+        raise BenchError(f"{name}: expected {workers} server processes, found {server.workers}")
+    run.scaling_servers[dgram, engine, workers] = server
+    count = WARM_UP_CONNECTIONS_PER_WORKER * workers
+    _probe_qsftp_server(run, server, dgram, engine, "--count", str(count))
+
+
+def _start_qsftp_server(
+    run: _Run,
+    stack: contextlib.ExitStack,
+    name: str,
+    options: list[str],
+    *,
+    serve: Path | None = None,
+) -> ServerProcess:
+    """A ``qsftp.server`` on a fresh root ``root-<name>`` (holding ``serve`` when given),
+    stopped when ``stack`` closes."""
     root = run.workdir / f"root-{name}"
     root.mkdir()
+    if serve is not None:
+        _link_or_copy(serve, root / serve.name)
+    # The server CLI picks its event loop from QSFTP_LOOP (set in run.env).
     command = [sys.executable, "-m", "qsftp.server", "--host", "127.0.0.1", "--port", "0"]
-    command += ["--root", str(root), "--state-dir", str(run.certfile.parent)]
-    command += [*run.quic_options(dgram, engine), "--workers", str(workers)]
+    command += ["--root", str(root), "--state-dir", str(run.certfile.parent), *options]
     server, match = _start_server(
         f"qsftp-server-{name}",
         command,
@@ -1596,13 +1604,14 @@ def _start_scaling_server(
     )
     server.pin, server.root = match.group("fp"), root
     stack.callback(server.stop)
-    # The supervisor prints its ready line once every worker has printed its own.
-    server.workers = _children(server.pid) if workers > 1 else [server.pid]
-    if len(server.workers) != workers:
-        raise BenchError(f"{name}: expected {workers} server processes, found {server.workers}")
-    run.scaling_servers[dgram, engine, workers] = server
-    extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin]
-    extra += ["--count", str(WARM_UP_CONNECTIONS_PER_WORKER * workers)]
+    return server
+
+
+def _probe_qsftp_server(
+    run: _Run, server: ServerProcess, dgram: int, engine: str, *more: str
+) -> None:
+    """Unmeasured connections to ``server``; records what the server says it is."""
+    extra = ["--host", server.host, "--port", str(server.port), "--pin", server.pin, *more]
     probe = run.worker("probe-qsftp", *extra, *run.quic_options(dgram, engine))
     run.server_says[dgram, engine] = str(probe.get("server", "?"))
 

@@ -242,6 +242,20 @@ class _TcpClientProtocol(ClientSession, tcp.TcpSession):
         self._init_client()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ClockStart:
+    """The clocks and counters at the start of a transfer (:meth:`Connection._result`)."""
+
+    started_at: str
+    "Wall-clock start, ISO 8601 (the result's ``started_at``)."
+    stats: QuicStats
+    "The connection's counters, for the packets this transfer sent and lost."
+    cpu: float
+    "This process's CPU time (``cpu_time()``)."
+    perf: float
+    "``time.perf_counter()``, taken last: the result's ``seconds`` start here."
+
+
 class Connection:
     """An open qsftp/1 session. Get one with :func:`connect`; operations may run concurrently."""
 
@@ -328,6 +342,12 @@ class Connection:
         finally:
             self._protocol.close_channel(channel, abort=not finished)
 
+    def _start_clock(self) -> _ClockStart:
+        """What a transfer's result is measured from, taken as the transfer starts."""
+        return _ClockStart(
+            started_at=_now_iso(), stats=self.stats(), cpu=cpu_time(), perf=time.perf_counter()
+        )
+
     def _result(
         self,
         *,
@@ -335,16 +355,13 @@ class Connection:
         name: str,
         local_path: Path,
         size: int,
-        started: float,
-        started_at: str,
-        cpu_start: float,
-        stats_start: QuicStats,
+        start: _ClockStart,
         sha256: str,
         chunk_size: int,
         server_cpu_us: int,
         resumed_bytes: int = 0,
     ) -> TransferResult:
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - start.perf
         stats = self.stats()
         return TransferResult(
             op=op,
@@ -358,13 +375,13 @@ class Connection:
             handshake_ms=self.handshake_ms,
             session_ms=self.session_ms,
             smoothed_rtt_ms=stats.smoothed_rtt_ms,
-            packets_sent=stats.packets_sent - stats_start.packets_sent,
-            packets_lost=stats.packets_lost - stats_start.packets_lost,
-            client_cpu_s=cpu_time() - cpu_start,
+            packets_sent=stats.packets_sent - start.stats.packets_sent,
+            packets_lost=stats.packets_lost - start.stats.packets_lost,
+            client_cpu_s=cpu_time() - start.cpu,
             server_cpu_s=server_cpu_us / 1e6,
             max_datagram_size=self.max_datagram_size,
             congestion_control=self.congestion_control,
-            started_at=started_at,
+            started_at=start.started_at,
             qlog_path=self.qlog_path,
             resumed_bytes=resumed_bytes,
             transport=self.transport,
@@ -397,9 +414,7 @@ class Connection:
             size = os.fstat(file.fileno()).st_size
             protocol = self._protocol
             async with self._operation() as channel:
-                started_at = _now_iso()
-                stats_start, cpu_start = self.stats(), cpu_time()
-                started = time.perf_counter()
+                start = self._start_clock()
                 protocol.qsftp.send_put(channel.stream_id, name, size)
                 protocol.flush()
                 digest, event = await self._send_verified(
@@ -410,10 +425,7 @@ class Connection:
                     name=name,
                     local_path=local,
                     size=size,
-                    started=started,
-                    started_at=started_at,
-                    cpu_start=cpu_start,
-                    stats_start=stats_start,
+                    start=start,
                     sha256=digest.hex(),
                     chunk_size=chunk_size,
                     server_cpu_us=event.server_cpu_us,
@@ -429,9 +441,7 @@ class Connection:
         with _open_local(local) as probe:
             size = os.fstat(probe.fileno()).st_size
         upload_id = resumable_upload_id(name, size)
-        started_at = _now_iso()
-        stats_start, cpu_start = self.stats(), cpu_time()
-        started = time.perf_counter()
+        start = self._start_clock()
         # The whole file's digest (for COMMIT) is computed in a thread while the rest travels.
         whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
         whole.add_done_callback(consume_result)  # a failure is raised where it is awaited
@@ -468,10 +478,7 @@ class Connection:
             name=name,
             local_path=local,
             size=size,
-            started=started,
-            started_at=started_at,
-            cpu_start=cpu_start,
-            stats_start=stats_start,
+            start=start,
             sha256=digest.hex(),
             chunk_size=chunk_size,
             server_cpu_us=server_us + done.server_cpu_us,
@@ -601,43 +608,26 @@ class Connection:
             return await self._download_resumable(name, target, chunk_size, progress, on_start)
         protocol = self._protocol
         async with self._operation() as channel:
-            started_at = _now_iso()
-            stats_start, cpu_start = self.stats(), cpu_time()
-            started = time.perf_counter()
+            start = self._start_clock()
             protocol.qsftp.send_get(channel.stream_id, name, chunk_size=chunk_size)
-            protocol.flush()
-            event = await channel.next_event()
-            if not isinstance(event, FileStarted):
-                raise event_error(event)
-            size, mtime_ns = event.size, event.mtime_ns
+            started_event = await self._file_started(channel)
+            size = started_event.size
             if on_start is not None:
                 on_start(size)
             writer = await asyncio.to_thread(fs.open_local_writer, target, size=size)
             try:
-                event = await channel.next_event()
-                if isinstance(event, DataReceived):
-                    event = await receive_body(
-                        protocol, channel, writer.write, first=event.data, progress=progress
-                    )
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
+                event = await self._receive_file(channel, writer.write, progress)
                 digest = await asyncio.to_thread(writer.commit, expected_sha256=event.sha256.hex())
             finally:
                 writer.abort()
-            with contextlib.suppress(OSError):
-                os.utime(target, ns=(mtime_ns, mtime_ns))
-            return self._result(
-                op="download",
-                name=name,
-                local_path=target,
-                size=size,
-                started=started,
-                started_at=started_at,
-                cpu_start=cpu_start,
-                stats_start=stats_start,
+            return self._downloaded(
+                name,
+                target,
+                started_event,
+                event,
+                start=start,
                 sha256=digest,
                 chunk_size=chunk_size,
-                server_cpu_us=event.server_cpu_us,
             )
 
     async def _download_resumable(
@@ -651,20 +641,15 @@ class Connection:
         protocol = self._protocol
         partial = await asyncio.to_thread(fs.PartialDownload, target)
         try:
-            started_at = _now_iso()
-            stats_start, cpu_start = self.stats(), cpu_time()
-            started = time.perf_counter()
+            start = self._start_clock()
             held_digest = await asyncio.to_thread(partial.prefix_sha256)
             held = partial.size
             async with self._operation() as channel:
                 protocol.qsftp.send_get_from(
                     channel.stream_id, name, chunk_size=chunk_size, offset=held, sha256=held_digest
                 )
-                protocol.flush()
-                event = await channel.next_event()
-                if not isinstance(event, FileStarted):
-                    raise event_error(event)
-                size, mtime_ns, offset = event.size, event.mtime_ns, event.offset
+                started_event = await self._file_started(channel)
+                size, offset = started_event.size, started_event.offset
                 if offset != held:
                     logger.info(
                         "%s: the partial download is not a prefix of it: starting over", name
@@ -674,33 +659,73 @@ class Connection:
                     on_start(size)
                 if progress is not None and offset:
                     progress(offset)
-                event = await channel.next_event()
-                if isinstance(event, DataReceived):
-                    event = await receive_body(
-                        protocol, channel, partial.write, first=event.data, progress=progress
-                    )
-                if not isinstance(event, OperationDone):
-                    raise event_error(event)
+                event = await self._receive_file(channel, partial.write, progress)
                 digest = await asyncio.to_thread(
                     partial.commit, size=size, expected_sha256=event.sha256.hex()
                 )
         finally:
             partial.close()  # kept, unless committed or found wrong
+        return self._downloaded(
+            name,
+            target,
+            started_event,
+            event,
+            start=start,
+            sha256=digest,
+            chunk_size=chunk_size,
+            resumed_bytes=offset,
+        )
+
+    async def _file_started(self, channel: Channel) -> FileStarted:
+        """Send what was queued for a GET and wait for the server's FileStarted."""
+        self._protocol.flush()
+        event = await channel.next_event()
+        if not isinstance(event, FileStarted):
+            raise event_error(event)
+        return event
+
+    async def _receive_file(
+        self,
+        channel: Channel,
+        write: Callable[[bytes], None],
+        progress: Callable[[int], None] | None,
+    ) -> OperationDone:
+        """Receive a GET's data into ``write`` up to the server's OperationDone."""
+        event = await channel.next_event()
+        if isinstance(event, DataReceived):
+            event = await receive_body(
+                self._protocol, channel, write, first=event.data, progress=progress
+            )
+        if not isinstance(event, OperationDone):
+            raise event_error(event)
+        return event
+
+    def _downloaded(
+        self,
+        name: str,
+        target: Path,
+        started_event: FileStarted,
+        done: OperationDone,
+        *,
+        start: _ClockStart,
+        sha256: str,
+        chunk_size: int,
+        resumed_bytes: int = 0,
+    ) -> TransferResult:
+        """A committed download: the remote mtime set on ``target``, and its result."""
+        mtime_ns = started_event.mtime_ns
         with contextlib.suppress(OSError):
             os.utime(target, ns=(mtime_ns, mtime_ns))
         return self._result(
             op="download",
             name=name,
             local_path=target,
-            size=size,
-            started=started,
-            started_at=started_at,
-            cpu_start=cpu_start,
-            stats_start=stats_start,
-            sha256=digest,
+            size=started_event.size,
+            start=start,
+            sha256=sha256,
             chunk_size=chunk_size,
-            server_cpu_us=event.server_cpu_us,
-            resumed_bytes=offset,
+            server_cpu_us=done.server_cpu_us,
+            resumed_bytes=resumed_bytes,
         )
 
     async def _entries(self, send: Callable[[int], None]) -> list[fs.Entry]:

@@ -127,8 +127,11 @@ class Engine:
         self, configuration: Any, *, session_ticket_handler: Callable[[Any], None] | None = None
     ) -> Any:
         """A client ``QuicConnection`` for ``configuration``; ``session_ticket_handler``
-        receives the session tickets the server sends (the library's ``SessionTicket``)."""
-        raise NotImplementedError
+        receives the session tickets the server sends (aioquic's ``SessionTicket``)."""
+        return self._connection_class()(
+            configuration=configuration,
+            session_ticket_handler=self._portable_handler(session_ticket_handler),
+        )
 
     def server(
         self,
@@ -142,7 +145,34 @@ class Engine:
         """The library's ``QuicServer`` (an asyncio DatagramProtocol); Retry when asked for,
         or when the engine requires it. The ticket callbacks issue and look up session
         tickets (:class:`qsftp.tickets.TicketStore`); both libraries share aioquic's API."""
+        return self._server_class()(
+            configuration=configuration,
+            create_protocol=create_protocol,
+            retry=retry or self.server_requires_retry,
+            session_ticket_fetcher=self._portable_fetcher(session_ticket_fetcher),
+            session_ticket_handler=self._portable_handler(session_ticket_handler),
+        )
+
+    def _connection_class(self) -> type[Any]:
+        """The library's ``QuicConnection``."""
         raise NotImplementedError
+
+    def _server_class(self) -> type[Any]:
+        """The library's asyncio ``QuicServer``."""
+        raise NotImplementedError
+
+    def _portable_handler(
+        self, handler: Callable[[Any], None] | None
+    ) -> Callable[[Any], None] | None:
+        """``handler`` fed aioquic's ``SessionTicket`` whatever the library, so that what
+        :mod:`qsftp.tickets` stores has one form (aware datetimes)."""
+        return handler
+
+    def _portable_fetcher(
+        self, fetcher: Callable[[bytes], Any] | None
+    ) -> Callable[[bytes], Any] | None:
+        """``fetcher`` answering with this library's ``SessionTicket``."""
+        return fetcher
 
     def protocol_class(self, base: type[P]) -> type[P]:
         """``base`` (a QsftpProtocol subclass) bound to this engine: a subclass whose
@@ -186,6 +216,25 @@ class Engine:
     ) -> Any:
         """A ``QuicConfiguration`` with QSFTP's settings (certificate checks off: the caller
         turns them on with :meth:`load_verify_locations` or checks the peer itself)."""
+        algorithm = self.check_congestion_control(congestion_control)
+        configuration_class, options = self._configuration_class(algorithm)
+        configuration = configuration_class(
+            is_client=is_client,
+            alpn_protocols=[alpn],
+            max_stream_data=max_stream_data,
+            verify_mode=ssl.CERT_NONE,
+            server_name=server_name,
+            idle_timeout=_IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+            **options,
+        )
+        if max_datagram_size is not None:
+            configuration.max_datagram_size = max_datagram_size
+        configuration.quic_logger = quic_logger
+        return configuration
+
+    def _configuration_class(self, algorithm: str) -> tuple[type[Any], dict[str, Any]]:
+        """The library's ``QuicConfiguration`` and the library-specific keyword arguments
+        for it (``algorithm``: the checked congestion control)."""
         raise NotImplementedError
 
     def check_congestion_control(self, name: str | None) -> str:
@@ -305,66 +354,25 @@ class AioquicEngine(Engine):
 
         return QuicFileLogger
 
-    def connection(
-        self, configuration: Any, *, session_ticket_handler: Callable[[Any], None] | None = None
-    ) -> Any:
+    def _connection_class(self) -> type[Any]:
         from aioquic.quic.connection import QuicConnection  # noqa: PLC0415
 
-        return QuicConnection(
-            configuration=configuration, session_ticket_handler=session_ticket_handler
-        )
+        return QuicConnection
 
-    def server(
-        self,
-        *,
-        configuration: Any,
-        create_protocol: Callable[..., Any],
-        retry: bool,
-        session_ticket_fetcher: Callable[[bytes], Any] | None = None,
-        session_ticket_handler: Callable[[Any], None] | None = None,
-    ) -> Any:
+    def _server_class(self) -> type[Any]:
         from aioquic.asyncio.server import QuicServer  # noqa: PLC0415
 
-        return QuicServer(
-            configuration=configuration,
-            create_protocol=create_protocol,
-            retry=retry,
-            session_ticket_fetcher=session_ticket_fetcher,
-            session_ticket_handler=session_ticket_handler,
-        )
+        return QuicServer
 
     def session_ticket(self, ticket: Any) -> Any:
         from aioquic import tls  # noqa: PLC0415
 
         return _convert_ticket(ticket, tls.SessionTicket, tls.CipherSuite)
 
-    def configuration(
-        self,
-        *,
-        is_client: bool,
-        alpn: str,
-        max_stream_data: int,
-        max_datagram_size: int | None = None,
-        congestion_control: str | None = None,
-        idle_timeout: float | None = None,
-        server_name: str | None = None,
-        quic_logger: Any = None,
-    ) -> Any:
+    def _configuration_class(self, algorithm: str) -> tuple[type[Any], dict[str, Any]]:
         from aioquic.quic.configuration import QuicConfiguration  # noqa: PLC0415
 
-        configuration = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[alpn],
-            max_stream_data=max_stream_data,
-            verify_mode=ssl.CERT_NONE,
-            server_name=server_name,
-            idle_timeout=_IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            congestion_control_algorithm=self.check_congestion_control(congestion_control),
-        )
-        if max_datagram_size is not None:
-            configuration.max_datagram_size = max_datagram_size
-        configuration.quic_logger = quic_logger
-        return configuration
+        return QuicConfiguration, {"congestion_control_algorithm": algorithm}
 
     def congestion_control(self, configuration: Any) -> str:
         return str(configuration.congestion_control_algorithm)
@@ -523,44 +531,30 @@ class Qh3Engine(Engine):
             X25519KeyExchange()
             self._warm = True
 
-    def connection(
-        self, configuration: Any, *, session_ticket_handler: Callable[[Any], None] | None = None
-    ) -> Any:
+    def _connection_class(self) -> type[Any]:
         self.load()
         from qh3.quic.connection import QuicConnection  # noqa: PLC0415
 
-        return QuicConnection(
-            configuration=configuration,
-            session_ticket_handler=self._portable_handler(session_ticket_handler),
-        )
+        return QuicConnection
 
-    def server(
-        self,
-        *,
-        configuration: Any,
-        create_protocol: Callable[..., Any],
-        retry: bool,
-        session_ticket_fetcher: Callable[[bytes], Any] | None = None,
-        session_ticket_handler: Callable[[Any], None] | None = None,
-    ) -> Any:
+    def _server_class(self) -> type[Any]:
         self.load()
         from qh3.asyncio.server import QuicServer  # noqa: PLC0415
 
-        fetcher = None
-        if session_ticket_fetcher is not None:
-            fetch = session_ticket_fetcher
+        return QuicServer
 
-            def fetcher(label: bytes) -> Any:
-                found = fetch(label)
-                return None if found is None else self.session_ticket(found)
+    def _portable_fetcher(
+        self, fetcher: Callable[[bytes], Any] | None
+    ) -> Callable[[bytes], Any] | None:
+        if fetcher is None:
+            return None
+        fetch = fetcher
 
-        return QuicServer(
-            configuration=configuration,
-            create_protocol=create_protocol,
-            retry=retry or self.server_requires_retry,
-            session_ticket_fetcher=fetcher,
-            session_ticket_handler=self._portable_handler(session_ticket_handler),
-        )
+        def converting(label: bytes) -> Any:
+            found = fetch(label)
+            return None if found is None else self.session_ticket(found)
+
+        return converting
 
     def session_ticket(self, ticket: Any) -> Any:
         self.load()
@@ -569,12 +563,9 @@ class Qh3Engine(Engine):
         # qh3 compares ticket times with naive UTC datetimes (aioquic: aware ones).
         return _convert_ticket(ticket, tls.SessionTicket, tls.CipherSuite, naive=True)
 
-    @staticmethod
     def _portable_handler(
-        handler: Callable[[Any], None] | None,
+        self, handler: Callable[[Any], None] | None
     ) -> Callable[[Any], None] | None:
-        """``handler`` fed aioquic's ``SessionTicket`` instead of qh3's, so that what
-        :mod:`qsftp.tickets` stores has one form (aware datetimes) whatever the engine."""
         if handler is None:
             return None
         deliver = handler
@@ -588,36 +579,12 @@ class Qh3Engine(Engine):
         context = quic.tls  # None once qh3 has dropped its TLS state (a closed connection)
         return context is not None and bool(context.session_resumed)
 
-    def configuration(
-        self,
-        *,
-        is_client: bool,
-        alpn: str,
-        max_stream_data: int,
-        max_datagram_size: int | None = None,
-        congestion_control: str | None = None,
-        idle_timeout: float | None = None,
-        server_name: str | None = None,
-        quic_logger: Any = None,
-    ) -> Any:
-        self.check_congestion_control(congestion_control)
+    def _configuration_class(self, algorithm: str) -> tuple[type[Any], dict[str, Any]]:
         self.load()
         from qh3.quic.configuration import QuicConfiguration  # noqa: PLC0415
 
-        configuration = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[alpn],
-            max_stream_data=max_stream_data,
-            verify_mode=ssl.CERT_NONE,
-            server_name=server_name,
-            idle_timeout=_IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            # The datagram size stays what the caller chose: no path-MTU probing upwards.
-            probe_datagram_size=False,
-        )
-        if max_datagram_size is not None:
-            configuration.max_datagram_size = max_datagram_size
-        configuration.quic_logger = quic_logger
-        return configuration
+        # The datagram size stays what the caller chose: no path-MTU probing upwards.
+        return QuicConfiguration, {"probe_datagram_size": False}
 
     def load_verify_locations(self, configuration: Any, cafile: str) -> None:
         # qh3 reads the file during the handshake: check here that it is there and readable,

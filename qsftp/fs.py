@@ -250,10 +250,10 @@ def _open_error(
     return _kind_error(name, st, want_dir=want_dir)
 
 
-class _ClosedOnExit:
-    """``with obj:`` calls ``obj.close()`` on the way out."""
+class _CleanedUpOnExit:
+    """``with obj:`` calls ``obj._on_exit()`` on the way out (close, or abort a writer)."""
 
-    def close(self) -> None:
+    def _on_exit(self) -> None:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
@@ -265,10 +265,10 @@ class _ClosedOnExit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self._on_exit()
 
 
-class Root(_ClosedOnExit):
+class Root(_CleanedUpOnExit):
     """A directory that confines every name. Opens one O_DIRECTORY fd; close() / context manager.
 
     Every method takes an untrusted remote name, applies :func:`normalize_name` and walks it from
@@ -297,6 +297,9 @@ class Root(_ClosedOnExit):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _on_exit(self) -> None:
+        self.close()
 
     def open_read(self, name: str) -> tuple[BinaryIO, Entry]:
         """Open a regular file for reading; return the file and its :class:`Entry`."""
@@ -716,7 +719,7 @@ def _temp_name(final: str) -> str:
     return f".{stem}.{token}{PARTIAL_SUFFIX}"
 
 
-class AtomicWriter:
+class AtomicWriter(_CleanedUpOnExit):
     """Writes to a temp file in the target directory; the final name appears only on commit().
 
     Made by :meth:`Root.create_writer` and :func:`open_local_writer`. Any failure in
@@ -863,15 +866,7 @@ class AtomicWriter:
         os.close(self._dir_fd)
         logger.debug("aborted %r after %d bytes", self.name, self.bytes_written)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _on_exit(self) -> None:
         self.abort()
 
     def _open_file(self) -> BinaryIO:
@@ -930,7 +925,7 @@ def partial_download_path(path: str | os.PathLike[str]) -> pathlib.Path:
     return final.with_name(f".{stem}{PARTIAL_SUFFIX}")
 
 
-class PartialDownload(_ClosedOnExit):
+class PartialDownload(_CleanedUpOnExit):
     """The hidden partial file of a resumable download (see the module docstring).
 
     Opening it takes an exclusive ``flock``, so two processes never append to one partial file.
@@ -1079,6 +1074,9 @@ class PartialDownload(_ClosedOnExit):
             with contextlib.suppress(OSError):
                 os.unlink(self._partial, dir_fd=self._dir_fd)
         self._release()
+
+    def _on_exit(self) -> None:
+        self.close()
 
     def _release(self) -> None:
         if self._fd >= 0:

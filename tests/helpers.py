@@ -138,3 +138,33 @@ def client_record(tmp_path: Path, command: list[str]) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     record: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return record
+
+
+def start_client(tmp_path: Path, command: list[str]) -> subprocess.Popen[str]:
+    """A ``--json`` client command started in the background, its output and errors piped:
+    finish it with :func:`client_finished`, clean up with :func:`stop_processes`."""
+    return subprocess.Popen(
+        command,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def client_finished(client: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
+    """Wait (at most 120 s) for a client from :func:`start_client`, check that it succeeded,
+    and return its record (the last line it printed) and what it wrote to stderr."""
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, err
+    record: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return record, err
+
+
+def stop_processes(client: subprocess.Popen[str], server: subprocess.Popen[str]) -> None:
+    """Kill ``client`` if it is still running, and terminate ``server``."""
+    if client.poll() is None:
+        client.kill()
+        client.wait(10)
+    server.terminate()
+    server.wait(20)

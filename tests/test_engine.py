@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_file, sha256
+from helpers import make_file, sha256, subprocess_env
 
 import qsftp
 from qsftp.engine import AIOQUIC, ENGINES, get_engine
@@ -311,18 +311,6 @@ def test_qlog_files_are_written_for_qh3_connections(tmp_path: Path) -> None:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _env(base: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QSFTP_", "XDG_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        HOME=str(base / "home"),
-        QSFTP_STATE_DIR=str(base / "state"),
-        QSFTP_CONFIG_DIR=str(base / "config"),
-        QSFTP_KNOWN_HOSTS=str(base / "known_hosts"),
-    )
-    return env
-
-
 def _ready_line(proc: subprocess.Popen[bytes]) -> str:
     assert proc.stdout is not None
     deadline = time.perf_counter() + READY_TIMEOUT
@@ -347,7 +335,7 @@ def qh3_server(tmp_path: Path) -> Iterator[tuple[str, int, str, Path]]:
         [sys.executable, "-m", "qsftp.server", "--engine", "qh3", "--port=0", f"--root={root}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=_env(tmp_path / "server"),
+        env=subprocess_env(tmp_path / "server"),
         cwd=tmp_path,
     )
     try:
@@ -368,7 +356,7 @@ def qh3_server(tmp_path: Path) -> Iterator[tuple[str, int, str, Path]]:
 def _client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "qsftp.client", *args],
-        env=_env(tmp_path / "client"),
+        env=subprocess_env(tmp_path / "client"),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -5,7 +5,6 @@ processes) end in a verified file."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    client_finished,
     client_record,
     free_udp_port,
     isolated_home,  # noqa: F401 (an autouse fixture)
@@ -21,7 +21,9 @@ from helpers import (
     partials,
     resumable_client,
     run,
+    start_client,
     start_server,
+    stop_processes,
     subprocess_env,
 )
 
@@ -160,31 +162,19 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_upload_resumes(
     src = make_file(tmp_path / "big.bin", 24_000_000)
     port = free_udp_port()
     server = start_server(tmp_path, port, root)
-    client = subprocess.Popen(
-        _client(tmp_path, src, port),
-        env=subprocess_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    client = start_client(tmp_path, _client(tmp_path, src, port))
     try:
         _wait_for_partial(root, 4_000_000)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert not (root / "big.bin").exists()
         server = start_server(tmp_path, port, root)
-        out, err = client.communicate(timeout=120)
-        assert client.returncode == 0, err
-        record = json.loads(out.splitlines()[-1])
+        record, err = client_finished(client)
         assert record["verified"] and record["resumed_bytes"] > 0
         assert "retrying" in err
         assert (root / "big.bin").read_bytes() == src.read_bytes()
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(10)
-        server.terminate()
-        server.wait(20)
+        stop_processes(client, server)
 
 
 def test_the_server_expires_stale_partials(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ cancelled mid-body, and killed client and server processes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    client_finished,
     client_record,
     free_udp_port,
     isolated_home,  # noqa: F401 (an autouse fixture)
@@ -22,7 +22,9 @@ from helpers import (
     partials,
     resumable_client,
     run,
+    start_client,
     start_server,
+    stop_processes,
     subprocess_env,
 )
 
@@ -331,29 +333,17 @@ def test_a_killed_and_restarted_server_is_reconnected_and_the_download_resumes(
     dest = tmp_path / "out.bin"
     port = free_udp_port()
     server = start_server(tmp_path, port, root, *_SERVER_OPTIONS)
-    client = subprocess.Popen(
-        _get(port, dest),
-        env=subprocess_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    client = start_client(tmp_path, _get(port, dest))
     try:
         _wait_for_partial_of(dest, SIZE // 2)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert not dest.exists()
         server = start_server(tmp_path, port, root, *_SERVER_OPTIONS)
-        out, err = client.communicate(timeout=120)
-        assert client.returncode == 0, err
-        record = json.loads(out.splitlines()[-1])
+        record, err = client_finished(client)
         assert record["verified"] and record["resumed_bytes"] >= SIZE // 2
         assert "retrying" in err
         assert dest.read_bytes() == src.read_bytes()
         assert partials(tmp_path) == []
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(10)
-        server.terminate()
-        server.wait(20)
+        stop_processes(client, server)
