@@ -629,10 +629,10 @@ def _direction_profiles(
     )
 
 
-class _TwoWayLink(abc.ABC):
-    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
-    :class:`LinkProfile` per direction, whose label, columns and counters read the same way,
-    used with ``async with``. A subclass gives the profiles, the counters and the lifecycle."""
+class _TwoWayProfiles(abc.ABC):
+    """A link with one :class:`LinkProfile` per direction, whose label, columns and counters
+    read the same way: the relays here and :class:`qsftp.packetlink.PacketLink`. A subclass
+    gives the profiles and the counters."""
 
     seed: int
 
@@ -649,14 +649,6 @@ class _TwoWayLink(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> LinkStats:
         """A snapshot of both directions' counters."""
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Open the listening socket."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Stop and close every socket."""
 
     def label(self) -> str:
         """The profile's label, or ``up: …; down: …`` when the directions differ."""
@@ -675,6 +667,20 @@ class _TwoWayLink(abc.ABC):
     def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
         """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
         return self.stats().as_dict(prefix)
+
+
+class _TwoWayLink(_TwoWayProfiles):
+    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
+    :class:`LinkProfile` per direction, used with ``async with``. A subclass gives the
+    profiles, the counters and the lifecycle."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open the listening socket."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop and close every socket."""
 
     async def __aenter__(self) -> Self:
         await self.start()

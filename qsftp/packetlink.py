@@ -73,9 +73,11 @@ from .netem import (
     LinkModel,
     LinkProfile,
     LinkStats,
+    _direction_profiles,
     _field_type,
     _profile_option,
     _Pump,
+    _TwoWayProfiles,
 )
 
 __all__ = [
@@ -533,7 +535,7 @@ class _Hosts:
         return subprocess.CompletedProcess(list(argv), process.returncode, out, err)
 
 
-class PacketLink(_Hosts):
+class PacketLink(_TwoWayProfiles, _Hosts):
     """Two network namespaces joined by an emulated link that impairs every IP packet.
 
     The profile vocabulary is :class:`qsftp.netem.LinkEmulator`'s: keyword fields of a
@@ -557,23 +559,12 @@ class PacketLink(_Hosts):
         mtu: int = DEFAULT_MTU,
         **shorthand: Any,
     ) -> None:
-        if shorthand and profile is not None:
-            raise UsageError("give either profile= or profile fields as keywords, not both")
-        if shorthand:
-            try:
-                profile = LinkProfile(**shorthand)
-            except TypeError:
-                known = {f.name for f in dataclasses.fields(LinkProfile)}
-                unknown = ", ".join(sorted(set(shorthand) - known))
-                raise UsageError(f"not a LinkProfile field: {unknown}") from None
+        up, down = _direction_profiles(profile, uplink, downlink, shorthand)
         super().__init__(mtu=mtu)
-        base = profile if profile is not None else LinkProfile()
         self.seed = seed
         "The seed of every random choice; the same seed gives the same fates."
-        self._up = LinkModel(uplink if uplink is not None else base, seed=seed, name="uplink")
-        self._down = LinkModel(
-            downlink if downlink is not None else base, seed=seed, name="downlink"
-        )
+        self._up = LinkModel(up, seed=seed, name="uplink")
+        self._down = LinkModel(down, seed=seed, name="downlink")
         self._pumps: list[_Pump] = []
         self._host_dropped = [0, 0]  # writes into a TUN device that failed: up, down
         self._drained: list[asyncio.Future[None]] = []
@@ -598,20 +589,6 @@ class PacketLink(_Hosts):
     def downlink(self, profile: LinkProfile) -> None:
         self._down.profile = profile
 
-    def label(self) -> str:
-        """The profile's label, or ``up: …; down: …`` when the directions differ."""
-        if self.uplink == self.downlink:
-            return self.uplink.label()
-        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
-
-    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """Both profiles as flat columns (as :meth:`qsftp.netem.LinkEmulator.as_dict`)."""
-        return {
-            **self.uplink.as_dict(prefix + "up_"),
-            **self.downlink.as_dict(prefix + "down_"),
-            prefix + "seed": self.seed,
-        }
-
     # --- counters ---------------------------------------------------------------------------
 
     def stats(self) -> LinkStats:
@@ -621,10 +598,6 @@ class PacketLink(_Hosts):
             downlink=self._down.stats(host_dropped=self._host_dropped[1]),
             clients=1,
         )
-
-    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
-        return self.stats().as_dict(prefix)
 
     def reset_stats(self) -> None:
         """Zero the counters; packets in flight stay in flight."""
