@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -1266,7 +1266,7 @@ async def _child(code: str, arg: Any) -> asyncio.subprocess.Process:
     )
 
 
-async def _result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
+async def _child_result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout):
@@ -1292,24 +1292,48 @@ async def _calibration_run(
         async with LinkEmulator((host, port), profile=profile) as link:
             cpu, wall = time.process_time(), time.perf_counter()
             sender = await _child(_SENDER, [host, link.port, size, packets_per_second, seconds])
-            sent = (await _result(sender, seconds + 30.0))["sent"]
+            sent = (await _child_result(sender, seconds + 30.0))["sent"]
             await link.wait_drained(timeout=30.0)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             stats = link.stats().uplink
-        received = await _result(receiver, 30.0)
+        received = await _child_result(receiver, 30.0)
     finally:
         if receiver.returncode is None:
             receiver.kill()
             await receiver.wait()
+    return {
+        "datagram_size": size,
+        **_run_columns(
+            size=size,
+            packet=size,
+            packets_per_second=packets_per_second,
+            sent=sent,
+            stats=stats,
+            received=received,
+        ),
+        "emulator_cpu_share": cpu / wall,
+    }
+
+
+def _run_columns(
+    *,
+    size: int,
+    packet: int,
+    packets_per_second: float,
+    sent: int,
+    stats: DirectionStats,
+    received: dict[str, Any],
+) -> dict[str, Any]:
+    """A calibration run's columns from ``offered_pps`` to ``one_way_p99_ms`` (also the
+    packet link's): rates count ``packet`` bytes on the link per datagram of ``size``."""
     delivered = (
-        received["bytes_after_first"] * 8 / received["seconds"] / 1e6
+        received["bytes_after_first"] * packet / size * 8 / received["seconds"] / 1e6
         if received["seconds"]
         else 0.0
     )
     return {
-        "datagram_size": size,
         "offered_pps": packets_per_second,
-        "offered_mbps": packets_per_second * size * 8 / 1e6,
+        "offered_mbps": packets_per_second * packet * 8 / 1e6,
         "sent": sent,
         "link_received": stats.received_packets,
         "lost_before_link": sent - stats.received_packets,
@@ -1320,8 +1344,46 @@ async def _calibration_run(
         "delivered_mbps": delivered,
         "one_way_p50_ms": received["one_way_p50_ms"],
         "one_way_p99_ms": received["one_way_p99_ms"],
-        "emulator_cpu_share": cpu / wall,
     }
+
+
+async def _calibration_rows(
+    run: Callable[..., Awaitable[dict[str, Any]]],
+    *,
+    rates_mbps: Sequence[float],
+    sizes: Sequence[int],
+    packet_rates: Sequence[float],
+    seconds: float,
+    delay_ms: float,
+    overload: float,
+    overhead: int = 0,
+) -> list[dict[str, Any]]:
+    """The rate runs, then the delay runs, of a calibration (also the packet link's), each
+    ``await run(profile, size=, packets_per_second=, seconds=)``; a datagram of ``size``
+    bytes is ``size + overhead`` on the link, the bytes its rate counts."""
+    rows: list[dict[str, Any]] = []
+    for rate in rates_mbps:
+        for size in sizes:
+            packet = size + overhead
+            queue = max(2 * packet, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
+            profile = LinkProfile(
+                delay_ms=delay_ms,
+                rate_mbps=rate,
+                queue_packets=MAX_QUEUE_PACKETS,
+                queue_bytes=min(queue, MAX_PENDING_BYTES),
+            )
+            pps = overload * rate * 1e6 / 8 / packet
+            row = await run(profile, size=size, packets_per_second=pps, seconds=seconds)
+            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
+            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
+    for pps in packet_rates:
+        profile = LinkProfile(delay_ms=delay_ms)
+        row = await run(profile, size=1200, packets_per_second=pps, seconds=seconds)
+        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
+        rows[-1]["delay_error_ms"] = (
+            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
+        )
+    return rows
 
 
 async def _transfer_cost(size: int, datagram_size: int, repeats: int) -> dict[str, Any]:
@@ -1386,29 +1448,15 @@ async def calibrate(
     uploads, direct and through a perfect emulated link, for each datagram size, with server,
     client and emulator in this process: what the emulator's CPU costs a transfer.
     """
-    rows: list[dict[str, Any]] = []
-    for rate in rates_mbps:
-        for size in sizes:
-            queue = max(2 * size, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
-            profile = LinkProfile(
-                delay_ms=delay_ms,
-                rate_mbps=rate,
-                queue_packets=MAX_QUEUE_PACKETS,
-                queue_bytes=min(queue, MAX_PENDING_BYTES),
-            )
-            pps = overload * rate * 1e6 / 8 / size
-            row = await _calibration_run(
-                profile, size=size, packets_per_second=pps, seconds=seconds
-            )
-            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
-            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
-    for pps in packet_rates:
-        profile = LinkProfile(delay_ms=delay_ms)
-        row = await _calibration_run(profile, size=1200, packets_per_second=pps, seconds=seconds)
-        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
-        rows[-1]["delay_error_ms"] = (
-            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
-        )
+    rows = await _calibration_rows(
+        _calibration_run,
+        rates_mbps=rates_mbps,
+        sizes=sizes,
+        packet_rates=packet_rates,
+        seconds=seconds,
+        delay_ms=delay_ms,
+        overload=overload,
+    )
     if transfer_bytes > 0:
         for size in sizes:
             rows.append(await _transfer_cost(transfer_bytes, size, transfer_repeats))

@@ -67,16 +67,20 @@ from .errors import PacketLinkUnavailable, TransportError, UsageError
 # The relay's timer glue and calibration traffic, shared so both modes behave and are measured
 # alike (private to netem; not part of its public API).
 from .netem import (
+    _CALIBRATION_IDLE,
     _RECEIVER,
     _SENDER,
     DirectionStats,
     LinkModel,
     LinkProfile,
     LinkStats,
+    _calibration_rows,
+    _child_result,
     _direction_profiles,
     _field_type,
     _profile_option,
     _Pump,
+    _run_columns,
     _TwoWayProfiles,
 )
 
@@ -1162,22 +1166,6 @@ async def lab_transfer(
 
 # IPv4 + UDP headers: a UDP payload of n bytes is an IP packet of n + 28 on the link.
 _UDP_OVERHEAD = 28
-# The bottleneck queue of a calibration rate run, in milliseconds of the link's rate.
-_CALIBRATION_QUEUE_MS = 50.0
-
-
-async def _child_result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            line = await process.stdout.readline()
-            await process.wait()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise TransportError("a calibration helper process did not finish in time") from None
-    result: dict[str, Any] = json.loads(line)
-    return result
 
 
 async def _calibration_run(
@@ -1190,7 +1178,7 @@ async def _calibration_run(
             sys.executable,
             "-c",
             _RECEIVER,
-            json.dumps([link.server_addr, seconds + 30.0, 0.5]),
+            json.dumps([link.server_addr, seconds + 30.0, _CALIBRATION_IDLE]),
             stdout=subprocess.PIPE,
         )
         assert receiver.stdout is not None
@@ -1211,26 +1199,17 @@ async def _calibration_run(
         stats = link.stats().uplink
         received = await _child_result(receiver, 30.0)
     packet = size + _UDP_OVERHEAD
-    delivered = (
-        received["bytes_after_first"] * packet / size * 8 / received["seconds"] / 1e6
-        if received["seconds"]
-        else 0.0
-    )
     return {
         "datagram_size": size,
         "ip_packet_size": packet,
-        "offered_pps": packets_per_second,
-        "offered_mbps": packets_per_second * packet * 8 / 1e6,
-        "sent": sent,
-        "link_received": stats.received_packets,
-        "lost_before_link": sent - stats.received_packets,
-        "queue_dropped": stats.queue_dropped_packets,
-        "host_dropped": stats.host_dropped_packets,
-        "forwarded": stats.forwarded_packets,
-        "receiver_count": received["count"],
-        "delivered_mbps": delivered,
-        "one_way_p50_ms": received["one_way_p50_ms"],
-        "one_way_p99_ms": received["one_way_p99_ms"],
+        **_run_columns(
+            size=size,
+            packet=packet,
+            packets_per_second=packets_per_second,
+            sent=sent,
+            stats=stats,
+            received=received,
+        ),
         "bridge_cpu_share": cpu / wall,
     }
 
@@ -1252,28 +1231,16 @@ async def calibrate(
     ``delay_ms`` and a 50 ms queue; delay runs send 1200-byte datagrams at each packet rate
     through ``delay_ms`` alone. ``bridge_cpu_share`` is this process's CPU over the run.
     """
-    rows: list[dict[str, Any]] = []
-    for rate in rates_mbps:
-        for size in sizes:
-            packet = size + _UDP_OVERHEAD
-            queue = max(2 * packet, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
-            profile = LinkProfile(
-                delay_ms=delay_ms, rate_mbps=rate, queue_packets=100_000, queue_bytes=queue
-            )
-            pps = overload * rate * 1e6 / 8 / packet
-            row = await _calibration_run(
-                profile, size=size, packets_per_second=pps, seconds=seconds
-            )
-            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
-            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
-    for pps in packet_rates:
-        profile = LinkProfile(delay_ms=delay_ms)
-        row = await _calibration_run(profile, size=1200, packets_per_second=pps, seconds=seconds)
-        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
-        rows[-1]["delay_error_ms"] = (
-            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
-        )
-    return rows
+    return await _calibration_rows(
+        _calibration_run,
+        rates_mbps=rates_mbps,
+        sizes=sizes,
+        packet_rates=packet_rates,
+        seconds=seconds,
+        delay_ms=delay_ms,
+        overload=overload,
+        overhead=_UDP_OVERHEAD,
+    )
 
 
 # --- command line -----------------------------------------------------------------------------
