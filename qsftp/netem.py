@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from .errors import TransportError, UsageError
 from .udp import DatagramEndpoint
@@ -1506,6 +1506,39 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _add_profile_options(command: argparse.ArgumentParser) -> None:
+    """A flag per LinkProfile field (both directions), then ``--uplink`` and ``--downlink``
+    (also the packet link's ``up``); :func:`_profiles_from_args` reads them back."""
+    impairments = command.add_argument_group("impairments, both directions (LinkProfile fields)")
+    for field in dataclasses.fields(LinkProfile):
+        impairments.add_argument(
+            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
+        )
+    for direction in ("uplink", "downlink"):
+        command.add_argument(
+            f"--{direction}",
+            type=_profile_option,
+            metavar="FIELD=VALUE,...",
+            help=f"the whole {direction} profile (overrides the flags for that direction)",
+        )
+
+
+def _profiles_from_args(
+    args: argparse.Namespace,
+) -> tuple[LinkProfile, LinkProfile | None, LinkProfile | None]:
+    """(profile, uplink, downlink) from the flags of :func:`_add_profile_options`."""
+    fields = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(LinkProfile)
+        if getattr(args, f.name) is not None
+    }
+    return (
+        LinkProfile(**fields),
+        LinkProfile(**args.uplink) if args.uplink is not None else None,
+        LinkProfile(**args.downlink) if args.downlink is not None else None,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qsftp.netem", description="An emulated network link (UDP relay)."
@@ -1515,18 +1548,7 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--target", type=_address, required=True, metavar="HOST:PORT")
     relay.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT")
     relay.add_argument("--seed", type=int, default=1)
-    impairments = relay.add_argument_group("impairments, both directions (LinkProfile fields)")
-    for field in dataclasses.fields(LinkProfile):
-        impairments.add_argument(
-            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
-        )
-    for direction in ("uplink", "downlink"):
-        relay.add_argument(
-            f"--{direction}",
-            type=_profile_option,
-            metavar="FIELD=VALUE,...",
-            help=f"the whole {direction} profile (overrides the flags for that direction)",
-        )
+    _add_profile_options(relay)
     calibration = commands.add_parser("calibrate", help="measure the emulator's accuracy here")
     calibration.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
     calibration.add_argument(
@@ -1567,36 +1589,63 @@ def _out(text: str) -> None:
     print(text, flush=True)  # noqa: T201
 
 
-async def _relay(args: argparse.Namespace) -> None:
-    fields = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(LinkProfile)
-        if getattr(args, f.name) is not None
-    }
-    profile = LinkProfile(**fields)
-    link = LinkEmulator(
-        args.target,
-        profile=profile,
-        uplink=LinkProfile(**args.uplink) if args.uplink is not None else None,
-        downlink=LinkProfile(**args.downlink) if args.downlink is not None else None,
-        seed=args.seed,
-        host=args.listen[0],
-        port=args.listen[1],
-    )
+class _Running(Protocol):
+    """What :func:`_run_until_signal` holds up: a link used with ``async with``."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def stats_dict(self, prefix: str = ...) -> dict[str, Any]: ...
+
+
+async def _run_until_signal(link: _Running, ready: Callable[[], str]) -> None:
+    """Start ``link``, print ``ready()``, and at SIGINT/SIGTERM print its counters (as JSON)
+    and close it (also the packet link's ``up``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with link:
-        _out(
-            f"qsftp link emulator ready on {link.host}:{link.port} → "
-            f"{link.target[0]}:{link.target[1]}: {link.label()}"
-        )
+        _out(ready())
         await stop.wait()
         _out(json.dumps(link.stats_dict()))
 
 
-def _table(rows: Iterable[dict[str, Any]]) -> str:
+async def _relay(args: argparse.Namespace) -> None:
+    profile, uplink, downlink = _profiles_from_args(args)
+    link = LinkEmulator(
+        args.target,
+        profile=profile,
+        uplink=uplink,
+        downlink=downlink,
+        seed=args.seed,
+        host=args.listen[0],
+        port=args.listen[1],
+    )
+    await _run_until_signal(
+        link,
+        lambda: (
+            f"qsftp link emulator ready on {link.host}:{link.port} → "
+            f"{link.target[0]}:{link.target[1]}: {link.label()}"
+        ),
+    )
+
+
+def _table(
+    rows: Iterable[dict[str, Any]],
+    *,
+    size_column: str = "datagram_size",
+    rate_size: str = "B",
+    cpu_column: str = "emulator_cpu_share",
+) -> str:
+    """Calibration rows as text (also the packet link's, whose sizes are ``ip_packet_size``,
+    rate runs say ``B packets`` and CPU is ``bridge_cpu_share``)."""
     lines = []
     for row in rows:
         if row["test"] == "qsftp":
@@ -1607,41 +1656,30 @@ def _table(rows: Iterable[dict[str, Any]]) -> str:
             )
         elif row["test"] == "rate":
             lines.append(
-                f"rate  {row['rate_mbps']:>6g} Mbit/s {row['datagram_size']:>6} B: delivered "
-                f"{row['delivered_mbps']:8.2f} Mbit/s ({row['rate_error'] * 100:+.1f}%), "
+                f"rate  {row['rate_mbps']:>6g} Mbit/s {row[size_column]:>6} {rate_size}: "
+                f"delivered {row['delivered_mbps']:8.2f} Mbit/s "
+                f"({row['rate_error'] * 100:+.1f}%), "
                 f"lost before the link {row['lost_before_link']}, "
-                f"CPU {row['emulator_cpu_share'] * 100:.0f}%"
+                f"CPU {row[cpu_column] * 100:.0f}%"
             )
         else:
             lines.append(
-                f"delay {row['offered_pps']:>6g} pkt/s {row['datagram_size']:>6} B: one-way p50 "
+                f"delay {row['offered_pps']:>6g} pkt/s {row[size_column]:>6} B: one-way p50 "
                 f"{row['one_way_p50_ms']:.2f} ms, p99 {row['one_way_p99_ms']:.2f} ms "
                 f"(delay {row['delay_ms']:g}), lost before the link {row['lost_before_link']}, "
-                f"CPU {row['emulator_cpu_share'] * 100:.0f}%"
+                f"CPU {row[cpu_column] * 100:.0f}%"
             )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qsftp.netem relay ...`` or ``python -m qsftp.netem calibrate``."""
-    args = _parser().parse_args(argv)
+def _cli(args: argparse.Namespace, command: Callable[[argparse.Namespace], None]) -> int:
+    """Run ``command(args)`` as a ``main()`` does (also the packet link's): ``-v`` sets the
+    log level; a UsageError exits with 2, a TransportError with 3."""
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(message)s"
     )
     try:
-        if args.command == "relay":
-            asyncio.run(_relay(args))
-        else:
-            rows = asyncio.run(
-                calibrate(
-                    rates_mbps=args.rates,
-                    sizes=[int(size) for size in args.sizes],
-                    packet_rates=args.packet_rates,
-                    seconds=args.seconds,
-                    transfer_bytes=args.transfer_bytes,
-                )
-            )
-            _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
+        command(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -1649,6 +1687,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 3
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qsftp.netem relay ...`` or ``python -m qsftp.netem calibrate``."""
+    return _cli(_parser().parse_args(argv), _command)
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "relay":
+        asyncio.run(_relay(args))
+    else:
+        rows = asyncio.run(
+            calibrate(
+                rates_mbps=args.rates,
+                sizes=[int(size) for size in args.sizes],
+                packet_rates=args.packet_rates,
+                seconds=args.seconds,
+                transfer_bytes=args.transfer_bytes,
+            )
+        )
+        _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
 
 
 if __name__ == "__main__":

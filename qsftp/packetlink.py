@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import itertools
 import json
@@ -56,7 +55,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -74,13 +73,18 @@ from .netem import (
     LinkModel,
     LinkProfile,
     LinkStats,
+    _add_profile_options,
     _calibration_rows,
     _child_result,
+    _cli,
     _direction_profiles,
-    _field_type,
-    _profile_option,
+    _numbers,
+    _out,
+    _profiles_from_args,
     _Pump,
     _run_columns,
+    _run_until_signal,
+    _table,
     _TwoWayProfiles,
 )
 
@@ -1246,15 +1250,6 @@ async def calibrate(
 # --- command line -----------------------------------------------------------------------------
 
 
-def _numbers(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers separated by commas: {text!r}"
-        ) from None
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qsftp.packetlink",
@@ -1264,18 +1259,7 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="bring a link up until SIGINT/SIGTERM")
     up.add_argument("--seed", type=int, default=1)
     up.add_argument("--mtu", type=int, default=DEFAULT_MTU)
-    impairments = up.add_argument_group("impairments, both directions (LinkProfile fields)")
-    for field in dataclasses.fields(LinkProfile):
-        impairments.add_argument(
-            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
-        )
-    for direction in ("uplink", "downlink"):
-        up.add_argument(
-            f"--{direction}",
-            type=_profile_option,
-            metavar="FIELD=VALUE,...",
-            help=f"the whole {direction} profile (overrides the flags for that direction)",
-        )
+    _add_profile_options(up)
     calibration = commands.add_parser("calibrate", help="measure the link's accuracy here")
     calibration.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
     calibration.add_argument(
@@ -1305,90 +1289,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out(text: str) -> None:
-    """The CLI's only way to print."""
-    print(text, flush=True)  # noqa: T201
-
-
 async def _up(args: argparse.Namespace) -> None:
-    fields = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(LinkProfile)
-        if getattr(args, f.name) is not None
-    }
-    profile = LinkProfile(**fields)
-    link = PacketLink(
-        profile,
-        uplink=LinkProfile(**args.uplink) if args.uplink is not None else None,
-        downlink=LinkProfile(**args.downlink) if args.downlink is not None else None,
-        seed=args.seed,
-        mtu=args.mtu,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with link:
-        _out(
+    profile, uplink, downlink = _profiles_from_args(args)
+    link = PacketLink(profile, uplink=uplink, downlink=downlink, seed=args.seed, mtu=args.mtu)
+    await _run_until_signal(
+        link,
+        lambda: (
             f"qsftp packet link up: client {link.client_addr} in {link.client_ns}, "
             f"server {link.server_addr} in {link.server_ns}: {link.label()}"
-        )
-        await stop.wait()
-        _out(json.dumps(link.stats_dict()))
-
-
-def _table(rows: Iterable[dict[str, Any]]) -> str:
-    lines = []
-    for row in rows:
-        if row["test"] == "rate":
-            lines.append(
-                f"rate  {row['rate_mbps']:>6g} Mbit/s {row['ip_packet_size']:>6} B packets: "
-                f"delivered {row['delivered_mbps']:8.2f} Mbit/s ({row['rate_error'] * 100:+.1f}%), "
-                f"lost before the link {row['lost_before_link']}, "
-                f"CPU {row['bridge_cpu_share'] * 100:.0f}%"
-            )
-        else:
-            lines.append(
-                f"delay {row['offered_pps']:>6g} pkt/s {row['ip_packet_size']:>6} B: one-way p50 "
-                f"{row['one_way_p50_ms']:.2f} ms, p99 {row['one_way_p99_ms']:.2f} ms "
-                f"(delay {row['delay_ms']:g}), lost before the link {row['lost_before_link']}, "
-                f"CPU {row['bridge_cpu_share'] * 100:.0f}%"
-            )
-    return "\n".join(lines)
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qsftp.packetlink up|calibrate|cleanup``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(message)s"
-    )
-    try:
-        if args.command == "up":
-            asyncio.run(_up(args))
-        elif args.command == "cleanup":
-            reason = unavailable_reason()
-            if reason is not None:
-                raise PacketLinkUnavailable(reason)
-            removed = cleanup_stale()
-            _out(f"deleted {len(removed)} stale namespace(s)" + "".join(f"\n{n}" for n in removed))
+    return _cli(_parser().parse_args(argv), _command)
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "up":
+        asyncio.run(_up(args))
+    elif args.command == "cleanup":
+        reason = unavailable_reason()
+        if reason is not None:
+            raise PacketLinkUnavailable(reason)
+        removed = cleanup_stale()
+        _out(f"deleted {len(removed)} stale namespace(s)" + "".join(f"\n{n}" for n in removed))
+    else:
+        rows = asyncio.run(
+            calibrate(
+                rates_mbps=args.rates,
+                sizes=[int(size) for size in args.sizes],
+                packet_rates=args.packet_rates,
+                seconds=args.seconds,
+            )
+        )
+        if args.json:
+            _out("\n".join(json.dumps(row) for row in rows))
         else:
-            rows = asyncio.run(
-                calibrate(
-                    rates_mbps=args.rates,
-                    sizes=[int(size) for size in args.sizes],
-                    packet_rates=args.packet_rates,
-                    seconds=args.seconds,
+            _out(
+                _table(
+                    rows,
+                    size_column="ip_packet_size",
+                    rate_size="B packets",
+                    cpu_column="bridge_cpu_share",
                 )
             )
-            _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except TransportError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 3
-    return 0
 
 
 if __name__ == "__main__":
