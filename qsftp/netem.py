@@ -695,7 +695,67 @@ class _TwoWayLink(_TwoWayProfiles):
         await self.close()
 
 
-class LinkEmulator(_TwoWayLink):
+class _ModelledLink(_TwoWayProfiles):
+    """A link whose directions are :class:`LinkModel` s (``_up``, ``_down``) pumped in this
+    process: :class:`LinkEmulator` and :class:`qsftp.packetlink.PacketLink`. The subclass
+    sets ``_up``, ``_down``, ``_host_dropped`` ([0, 0]), ``_drained`` ([]) and ``_closed``,
+    and calls :meth:`_wake_drained` when a direction goes idle and when it closes."""
+
+    _up: LinkModel
+    _down: LinkModel
+    _host_dropped: list[int]
+    _drained: list[asyncio.Future[None]]
+    _closed: bool
+
+    # --- configuration --------------------------------------------------------------------
+
+    @property
+    def uplink(self) -> LinkProfile:
+        """The client → server profile (assignable; applies to packets from then on)."""
+        return self._up.profile
+
+    @uplink.setter
+    def uplink(self, profile: LinkProfile) -> None:
+        self._up.profile = profile
+
+    @property
+    def downlink(self) -> LinkProfile:
+        """The server → client profile (assignable; applies to packets from then on)."""
+        return self._down.profile
+
+    @downlink.setter
+    def downlink(self, profile: LinkProfile) -> None:
+        self._down.profile = profile
+
+    def reset_stats(self) -> None:
+        """Zero the counters; packets in flight stay in flight."""
+        self._up.reset_counters()
+        self._down.reset_counters()
+        self._host_dropped = [0, 0]
+
+    async def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until no packet is in flight in either direction (or the link is closed)."""
+        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drained.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._drained.remove(waiter)
+
+    def _wake_drained(self) -> None:
+        if self._drained and (
+            self._closed or not (self._up.pending_packets or self._down.pending_packets)
+        ):
+            for waiter in self._drained:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+class LinkEmulator(_ModelledLink, _TwoWayLink):
     """A UDP relay to ``target`` that impairs each direction as its :class:`LinkProfile` says.
 
     ``LinkEmulator(target, delay_ms=25, loss=0.01)`` applies the keyword profile fields to both
@@ -747,26 +807,6 @@ class LinkEmulator(_TwoWayLink):
         where = f"{self.host}:{self.port}" if self._started else "not started"
         return f"<LinkEmulator {where} → {self.target[0]}:{self.target[1]} {self.label()}>"
 
-    # --- configuration --------------------------------------------------------------------
-
-    @property
-    def uplink(self) -> LinkProfile:
-        """The client → server profile (assignable; applies to packets from then on)."""
-        return self._up.profile
-
-    @uplink.setter
-    def uplink(self, profile: LinkProfile) -> None:
-        self._up.profile = profile
-
-    @property
-    def downlink(self) -> LinkProfile:
-        """The server → client profile (assignable; applies to packets from then on)."""
-        return self._down.profile
-
-    @downlink.setter
-    def downlink(self, profile: LinkProfile) -> None:
-        self._down.profile = profile
-
     # --- counters ---------------------------------------------------------------------------
 
     def stats(self) -> LinkStats:
@@ -794,9 +834,7 @@ class LinkEmulator(_TwoWayLink):
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. between the transfers of a sweep); in-flight packets stay."""
-        self._up.reset_counters()
-        self._down.reset_counters()
-        self._host_dropped = [0, 0]
+        super().reset_stats()
         for flow in self._flows.values():
             flow.endpoint.dropped = 0
         if self._listener is not None:
@@ -851,19 +889,6 @@ class LinkEmulator(_TwoWayLink):
         if self._listener is not None:
             self._listener.close()
         self._wake_drained()
-
-    async def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until no packet is in flight in either direction (or the link is closed)."""
-        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drained.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                self._drained.remove(waiter)
 
     # --- datagrams ---------------------------------------------------------------------------
 
@@ -920,14 +945,6 @@ class LinkEmulator(_TwoWayLink):
     def _socket_error(self, exc: OSError) -> None:
         # ICMP errors (e.g. the server has gone) arrive for a datagram already forwarded.
         logger.debug("link emulator socket error: %s", exc)
-
-    def _wake_drained(self) -> None:
-        if self._drained and (
-            self._closed or not (self._up.pending_packets or self._down.pending_packets)
-        ):
-            for waiter in self._drained:
-                if not waiter.done():
-                    waiter.set_result(None)
 
 
 # --- a byte-stream relay for TCP --------------------------------------------------------------

@@ -78,6 +78,7 @@ from .netem import (
     _child_result,
     _cli,
     _direction_profiles,
+    _ModelledLink,
     _numbers,
     _out,
     _profiles_from_args,
@@ -85,7 +86,6 @@ from .netem import (
     _run_columns,
     _run_until_signal,
     _table,
-    _TwoWayProfiles,
 )
 
 __all__ = [
@@ -543,7 +543,7 @@ class _Hosts:
         return subprocess.CompletedProcess(list(argv), process.returncode, out, err)
 
 
-class PacketLink(_TwoWayProfiles, _Hosts):
+class PacketLink(_ModelledLink, _Hosts):
     """Two network namespaces joined by an emulated link that impairs every IP packet.
 
     The profile vocabulary is :class:`qsftp.netem.LinkEmulator`'s: keyword fields of a
@@ -577,26 +577,6 @@ class PacketLink(_TwoWayProfiles, _Hosts):
         self._host_dropped = [0, 0]  # writes into a TUN device that failed: up, down
         self._drained: list[asyncio.Future[None]] = []
 
-    # --- configuration --------------------------------------------------------------------
-
-    @property
-    def uplink(self) -> LinkProfile:
-        """The client → server profile (assignable; applies to packets from then on)."""
-        return self._up.profile
-
-    @uplink.setter
-    def uplink(self, profile: LinkProfile) -> None:
-        self._up.profile = profile
-
-    @property
-    def downlink(self) -> LinkProfile:
-        """The server → client profile (assignable; applies to packets from then on)."""
-        return self._down.profile
-
-    @downlink.setter
-    def downlink(self, profile: LinkProfile) -> None:
-        self._down.profile = profile
-
     # --- counters ---------------------------------------------------------------------------
 
     def stats(self) -> LinkStats:
@@ -606,12 +586,6 @@ class PacketLink(_TwoWayProfiles, _Hosts):
             downlink=self._down.stats(host_dropped=self._host_dropped[1]),
             clients=1,
         )
-
-    def reset_stats(self) -> None:
-        """Zero the counters; packets in flight stay in flight."""
-        self._up.reset_counters()
-        self._down.reset_counters()
-        self._host_dropped = [0, 0]
 
     # --- the bridge -------------------------------------------------------------------------
 
@@ -645,19 +619,6 @@ class PacketLink(_TwoWayProfiles, _Hosts):
         self._down.clear()
         self._wake_drained()
 
-    async def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until no packet is in flight in either direction (or the link is closed)."""
-        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drained.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                self._drained.remove(waiter)
-
     def _read(self, fd: int, model: LinkModel) -> None:
         read, submit, clock = os.read, model.submit, time.monotonic
         for _ in range(_READ_BATCH):
@@ -683,14 +644,6 @@ class PacketLink(_TwoWayProfiles, _Hosts):
                 self._host_dropped[direction] += 1
 
         return write
-
-    def _wake_drained(self) -> None:
-        if self._drained and (
-            self._closed or not (self._up.pending_packets or self._down.pending_packets)
-        ):
-            for waiter in self._drained:
-                if not waiter.done():
-                    waiter.set_result(None)
 
 
 class VethLink(_Hosts):
