@@ -14,11 +14,14 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    run,
+)
 
 from qsftp import packetlink
 from qsftp.errors import PacketLinkUnavailable, UsageError
@@ -26,7 +29,6 @@ from qsftp.experiment import LINK_COLUMNS, measured, sweep
 from qsftp.netem import LinkProfile
 from qsftp.packetlink import PacketLink, VethLink, lab_server, lab_transfer
 
-TIMEOUT = 60
 REASON = packetlink.unavailable_reason()
 
 
@@ -34,22 +36,6 @@ REASON = packetlink.unavailable_reason()
 def needs_packet_link() -> None:
     if REASON is not None:
         pytest.skip(REASON)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("QSFTP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-    monkeypatch.delenv("QSFTP_TOKEN", raising=False)
-
-
-def run(body: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(body(), timeout)
-
-    return asyncio.run(bounded())
 
 
 def namespaces() -> set[str]:
