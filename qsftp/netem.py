@@ -669,18 +669,17 @@ class _TwoWayProfiles(abc.ABC):
         return self.stats().as_dict(prefix)
 
 
-class _TwoWayLink(_TwoWayProfiles):
-    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
-    :class:`LinkProfile` per direction, used with ``async with``. A subclass gives the
-    profiles, the counters and the lifecycle."""
+class _Lifecycle(abc.ABC):
+    """``start()`` and ``close()``, and ``async with`` calling them: the relays here and the
+    packet links of :mod:`qsftp.packetlink`."""
 
     @abc.abstractmethod
     async def start(self) -> None:
-        """Open the listening socket."""
+        """Bring the link up (open its sockets)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Stop and close every socket."""
+        """Take the link down and release what it holds."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -693,6 +692,12 @@ class _TwoWayLink(_TwoWayProfiles):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class _TwoWayLink(_TwoWayProfiles, _Lifecycle):
+    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
+    :class:`LinkProfile` per direction, used with ``async with``. A subclass gives the
+    profiles, the counters and the lifecycle."""
 
 
 class _ModelledLink(_TwoWayProfiles):

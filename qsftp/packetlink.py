@@ -58,8 +58,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from .errors import PacketLinkUnavailable, TransportError, UsageError
 
@@ -78,6 +77,7 @@ from .netem import (
     _child_result,
     _cli,
     _direction_profiles,
+    _Lifecycle,
     _ModelledLink,
     _numbers,
     _out,
@@ -359,7 +359,7 @@ def _release(namespaces: list[str], fds: dict[str, int]) -> None:
 _SIDES = ("server", "client")
 
 
-class _Hosts:
+class _Hosts(_Lifecycle):
     """Two network namespaces, a server's and a client's, joined somehow (the subclass's
     ``_connect``), and the processes this object started in them."""
 
@@ -446,18 +446,6 @@ class _Hosts:
             await self._stop_processes()
         finally:
             self._teardown()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _teardown(self) -> None:
         """Synchronous, so it completes even when the task is being cancelled."""
