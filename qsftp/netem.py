@@ -44,10 +44,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from .errors import TransportError, UsageError
 from .udp import DatagramEndpoint
@@ -629,10 +629,10 @@ def _direction_profiles(
     )
 
 
-class _TwoWayLink(abc.ABC):
-    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
-    :class:`LinkProfile` per direction, whose label, columns and counters read the same way,
-    used with ``async with``. A subclass gives the profiles, the counters and the lifecycle."""
+class _TwoWayProfiles(abc.ABC):
+    """A link with one :class:`LinkProfile` per direction, whose label, columns and counters
+    read the same way: the relays here and :class:`qsftp.packetlink.PacketLink`. A subclass
+    gives the profiles and the counters."""
 
     seed: int
 
@@ -649,14 +649,6 @@ class _TwoWayLink(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> LinkStats:
         """A snapshot of both directions' counters."""
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Open the listening socket."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Stop and close every socket."""
 
     def label(self) -> str:
         """The profile's label, or ``up: …; down: …`` when the directions differ."""
@@ -676,6 +668,19 @@ class _TwoWayLink(abc.ABC):
         """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
         return self.stats().as_dict(prefix)
 
+
+class _Lifecycle(abc.ABC):
+    """``start()`` and ``close()``, and ``async with`` calling them: the relays here and the
+    packet links of :mod:`qsftp.packetlink`."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bring the link up (open its sockets)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Take the link down and release what it holds."""
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -689,7 +694,73 @@ class _TwoWayLink(abc.ABC):
         await self.close()
 
 
-class LinkEmulator(_TwoWayLink):
+class _TwoWayLink(_TwoWayProfiles, _Lifecycle):
+    """What :class:`LinkEmulator` and :class:`StreamRelay` share: a relay with one
+    :class:`LinkProfile` per direction, used with ``async with``. A subclass gives the
+    profiles, the counters and the lifecycle."""
+
+
+class _ModelledLink(_TwoWayProfiles):
+    """A link whose directions are :class:`LinkModel` s (``_up``, ``_down``) pumped in this
+    process: :class:`LinkEmulator` and :class:`qsftp.packetlink.PacketLink`. The subclass
+    sets ``_up``, ``_down``, ``_host_dropped`` ([0, 0]), ``_drained`` ([]) and ``_closed``,
+    and calls :meth:`_wake_drained` when a direction goes idle and when it closes."""
+
+    _up: LinkModel
+    _down: LinkModel
+    _host_dropped: list[int]
+    _drained: list[asyncio.Future[None]]
+    _closed: bool
+
+    # --- configuration --------------------------------------------------------------------
+
+    @property
+    def uplink(self) -> LinkProfile:
+        """The client → server profile (assignable; applies to packets from then on)."""
+        return self._up.profile
+
+    @uplink.setter
+    def uplink(self, profile: LinkProfile) -> None:
+        self._up.profile = profile
+
+    @property
+    def downlink(self) -> LinkProfile:
+        """The server → client profile (assignable; applies to packets from then on)."""
+        return self._down.profile
+
+    @downlink.setter
+    def downlink(self, profile: LinkProfile) -> None:
+        self._down.profile = profile
+
+    def reset_stats(self) -> None:
+        """Zero the counters; packets in flight stay in flight."""
+        self._up.reset_counters()
+        self._down.reset_counters()
+        self._host_dropped = [0, 0]
+
+    async def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until no packet is in flight in either direction (or the link is closed)."""
+        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drained.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._drained.remove(waiter)
+
+    def _wake_drained(self) -> None:
+        if self._drained and (
+            self._closed or not (self._up.pending_packets or self._down.pending_packets)
+        ):
+            for waiter in self._drained:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+class LinkEmulator(_ModelledLink, _TwoWayLink):
     """A UDP relay to ``target`` that impairs each direction as its :class:`LinkProfile` says.
 
     ``LinkEmulator(target, delay_ms=25, loss=0.01)`` applies the keyword profile fields to both
@@ -741,26 +812,6 @@ class LinkEmulator(_TwoWayLink):
         where = f"{self.host}:{self.port}" if self._started else "not started"
         return f"<LinkEmulator {where} → {self.target[0]}:{self.target[1]} {self.label()}>"
 
-    # --- configuration --------------------------------------------------------------------
-
-    @property
-    def uplink(self) -> LinkProfile:
-        """The client → server profile (assignable; applies to packets from then on)."""
-        return self._up.profile
-
-    @uplink.setter
-    def uplink(self, profile: LinkProfile) -> None:
-        self._up.profile = profile
-
-    @property
-    def downlink(self) -> LinkProfile:
-        """The server → client profile (assignable; applies to packets from then on)."""
-        return self._down.profile
-
-    @downlink.setter
-    def downlink(self, profile: LinkProfile) -> None:
-        self._down.profile = profile
-
     # --- counters ---------------------------------------------------------------------------
 
     def stats(self) -> LinkStats:
@@ -788,9 +839,7 @@ class LinkEmulator(_TwoWayLink):
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. between the transfers of a sweep); in-flight packets stay."""
-        self._up.reset_counters()
-        self._down.reset_counters()
-        self._host_dropped = [0, 0]
+        super().reset_stats()
         for flow in self._flows.values():
             flow.endpoint.dropped = 0
         if self._listener is not None:
@@ -845,19 +894,6 @@ class LinkEmulator(_TwoWayLink):
         if self._listener is not None:
             self._listener.close()
         self._wake_drained()
-
-    async def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until no packet is in flight in either direction (or the link is closed)."""
-        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drained.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                self._drained.remove(waiter)
 
     # --- datagrams ---------------------------------------------------------------------------
 
@@ -914,14 +950,6 @@ class LinkEmulator(_TwoWayLink):
     def _socket_error(self, exc: OSError) -> None:
         # ICMP errors (e.g. the server has gone) arrive for a datagram already forwarded.
         logger.debug("link emulator socket error: %s", exc)
-
-    def _wake_drained(self) -> None:
-        if self._drained and (
-            self._closed or not (self._up.pending_packets or self._down.pending_packets)
-        ):
-            for waiter in self._drained:
-                if not waiter.done():
-                    waiter.set_result(None)
 
 
 # --- a byte-stream relay for TCP --------------------------------------------------------------
@@ -1260,7 +1288,7 @@ async def _child(code: str, arg: Any) -> asyncio.subprocess.Process:
     )
 
 
-async def _result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
+async def _child_result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout):
@@ -1286,24 +1314,48 @@ async def _calibration_run(
         async with LinkEmulator((host, port), profile=profile) as link:
             cpu, wall = time.process_time(), time.perf_counter()
             sender = await _child(_SENDER, [host, link.port, size, packets_per_second, seconds])
-            sent = (await _result(sender, seconds + 30.0))["sent"]
+            sent = (await _child_result(sender, seconds + 30.0))["sent"]
             await link.wait_drained(timeout=30.0)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             stats = link.stats().uplink
-        received = await _result(receiver, 30.0)
+        received = await _child_result(receiver, 30.0)
     finally:
         if receiver.returncode is None:
             receiver.kill()
             await receiver.wait()
+    return {
+        "datagram_size": size,
+        **_run_columns(
+            size=size,
+            packet=size,
+            packets_per_second=packets_per_second,
+            sent=sent,
+            stats=stats,
+            received=received,
+        ),
+        "emulator_cpu_share": cpu / wall,
+    }
+
+
+def _run_columns(
+    *,
+    size: int,
+    packet: int,
+    packets_per_second: float,
+    sent: int,
+    stats: DirectionStats,
+    received: dict[str, Any],
+) -> dict[str, Any]:
+    """A calibration run's columns from ``offered_pps`` to ``one_way_p99_ms`` (also the
+    packet link's): rates count ``packet`` bytes on the link per datagram of ``size``."""
     delivered = (
-        received["bytes_after_first"] * 8 / received["seconds"] / 1e6
+        received["bytes_after_first"] * packet / size * 8 / received["seconds"] / 1e6
         if received["seconds"]
         else 0.0
     )
     return {
-        "datagram_size": size,
         "offered_pps": packets_per_second,
-        "offered_mbps": packets_per_second * size * 8 / 1e6,
+        "offered_mbps": packets_per_second * packet * 8 / 1e6,
         "sent": sent,
         "link_received": stats.received_packets,
         "lost_before_link": sent - stats.received_packets,
@@ -1314,8 +1366,46 @@ async def _calibration_run(
         "delivered_mbps": delivered,
         "one_way_p50_ms": received["one_way_p50_ms"],
         "one_way_p99_ms": received["one_way_p99_ms"],
-        "emulator_cpu_share": cpu / wall,
     }
+
+
+async def _calibration_rows(
+    run: Callable[..., Awaitable[dict[str, Any]]],
+    *,
+    rates_mbps: Sequence[float],
+    sizes: Sequence[int],
+    packet_rates: Sequence[float],
+    seconds: float,
+    delay_ms: float,
+    overload: float,
+    overhead: int = 0,
+) -> list[dict[str, Any]]:
+    """The rate runs, then the delay runs, of a calibration (also the packet link's), each
+    ``await run(profile, size=, packets_per_second=, seconds=)``; a datagram of ``size``
+    bytes is ``size + overhead`` on the link, the bytes its rate counts."""
+    rows: list[dict[str, Any]] = []
+    for rate in rates_mbps:
+        for size in sizes:
+            packet = size + overhead
+            queue = max(2 * packet, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
+            profile = LinkProfile(
+                delay_ms=delay_ms,
+                rate_mbps=rate,
+                queue_packets=MAX_QUEUE_PACKETS,
+                queue_bytes=min(queue, MAX_PENDING_BYTES),
+            )
+            pps = overload * rate * 1e6 / 8 / packet
+            row = await run(profile, size=size, packets_per_second=pps, seconds=seconds)
+            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
+            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
+    for pps in packet_rates:
+        profile = LinkProfile(delay_ms=delay_ms)
+        row = await run(profile, size=1200, packets_per_second=pps, seconds=seconds)
+        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
+        rows[-1]["delay_error_ms"] = (
+            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
+        )
+    return rows
 
 
 async def _transfer_cost(size: int, datagram_size: int, repeats: int) -> dict[str, Any]:
@@ -1380,29 +1470,15 @@ async def calibrate(
     uploads, direct and through a perfect emulated link, for each datagram size, with server,
     client and emulator in this process: what the emulator's CPU costs a transfer.
     """
-    rows: list[dict[str, Any]] = []
-    for rate in rates_mbps:
-        for size in sizes:
-            queue = max(2 * size, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
-            profile = LinkProfile(
-                delay_ms=delay_ms,
-                rate_mbps=rate,
-                queue_packets=MAX_QUEUE_PACKETS,
-                queue_bytes=min(queue, MAX_PENDING_BYTES),
-            )
-            pps = overload * rate * 1e6 / 8 / size
-            row = await _calibration_run(
-                profile, size=size, packets_per_second=pps, seconds=seconds
-            )
-            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
-            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
-    for pps in packet_rates:
-        profile = LinkProfile(delay_ms=delay_ms)
-        row = await _calibration_run(profile, size=1200, packets_per_second=pps, seconds=seconds)
-        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
-        rows[-1]["delay_error_ms"] = (
-            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
-        )
+    rows = await _calibration_rows(
+        _calibration_run,
+        rates_mbps=rates_mbps,
+        sizes=sizes,
+        packet_rates=packet_rates,
+        seconds=seconds,
+        delay_ms=delay_ms,
+        overload=overload,
+    )
     if transfer_bytes > 0:
         for size in sizes:
             rows.append(await _transfer_cost(transfer_bytes, size, transfer_repeats))
@@ -1452,6 +1528,39 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _add_profile_options(command: argparse.ArgumentParser) -> None:
+    """A flag per LinkProfile field (both directions), then ``--uplink`` and ``--downlink``
+    (also the packet link's ``up``); :func:`_profiles_from_args` reads them back."""
+    impairments = command.add_argument_group("impairments, both directions (LinkProfile fields)")
+    for field in dataclasses.fields(LinkProfile):
+        impairments.add_argument(
+            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
+        )
+    for direction in ("uplink", "downlink"):
+        command.add_argument(
+            f"--{direction}",
+            type=_profile_option,
+            metavar="FIELD=VALUE,...",
+            help=f"the whole {direction} profile (overrides the flags for that direction)",
+        )
+
+
+def _profiles_from_args(
+    args: argparse.Namespace,
+) -> tuple[LinkProfile, LinkProfile | None, LinkProfile | None]:
+    """(profile, uplink, downlink) from the flags of :func:`_add_profile_options`."""
+    fields = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(LinkProfile)
+        if getattr(args, f.name) is not None
+    }
+    return (
+        LinkProfile(**fields),
+        LinkProfile(**args.uplink) if args.uplink is not None else None,
+        LinkProfile(**args.downlink) if args.downlink is not None else None,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qsftp.netem", description="An emulated network link (UDP relay)."
@@ -1461,18 +1570,7 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--target", type=_address, required=True, metavar="HOST:PORT")
     relay.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT")
     relay.add_argument("--seed", type=int, default=1)
-    impairments = relay.add_argument_group("impairments, both directions (LinkProfile fields)")
-    for field in dataclasses.fields(LinkProfile):
-        impairments.add_argument(
-            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
-        )
-    for direction in ("uplink", "downlink"):
-        relay.add_argument(
-            f"--{direction}",
-            type=_profile_option,
-            metavar="FIELD=VALUE,...",
-            help=f"the whole {direction} profile (overrides the flags for that direction)",
-        )
+    _add_profile_options(relay)
     calibration = commands.add_parser("calibrate", help="measure the emulator's accuracy here")
     calibration.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
     calibration.add_argument(
@@ -1513,36 +1611,63 @@ def _out(text: str) -> None:
     print(text, flush=True)  # noqa: T201
 
 
-async def _relay(args: argparse.Namespace) -> None:
-    fields = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(LinkProfile)
-        if getattr(args, f.name) is not None
-    }
-    profile = LinkProfile(**fields)
-    link = LinkEmulator(
-        args.target,
-        profile=profile,
-        uplink=LinkProfile(**args.uplink) if args.uplink is not None else None,
-        downlink=LinkProfile(**args.downlink) if args.downlink is not None else None,
-        seed=args.seed,
-        host=args.listen[0],
-        port=args.listen[1],
-    )
+class _Running(Protocol):
+    """What :func:`_run_until_signal` holds up: a link used with ``async with``."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def stats_dict(self, prefix: str = ...) -> dict[str, Any]: ...
+
+
+async def _run_until_signal(link: _Running, ready: Callable[[], str]) -> None:
+    """Start ``link``, print ``ready()``, and at SIGINT/SIGTERM print its counters (as JSON)
+    and close it (also the packet link's ``up``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with link:
-        _out(
-            f"qsftp link emulator ready on {link.host}:{link.port} → "
-            f"{link.target[0]}:{link.target[1]}: {link.label()}"
-        )
+        _out(ready())
         await stop.wait()
         _out(json.dumps(link.stats_dict()))
 
 
-def _table(rows: Iterable[dict[str, Any]]) -> str:
+async def _relay(args: argparse.Namespace) -> None:
+    profile, uplink, downlink = _profiles_from_args(args)
+    link = LinkEmulator(
+        args.target,
+        profile=profile,
+        uplink=uplink,
+        downlink=downlink,
+        seed=args.seed,
+        host=args.listen[0],
+        port=args.listen[1],
+    )
+    await _run_until_signal(
+        link,
+        lambda: (
+            f"qsftp link emulator ready on {link.host}:{link.port} → "
+            f"{link.target[0]}:{link.target[1]}: {link.label()}"
+        ),
+    )
+
+
+def _table(
+    rows: Iterable[dict[str, Any]],
+    *,
+    size_column: str = "datagram_size",
+    rate_size: str = "B",
+    cpu_column: str = "emulator_cpu_share",
+) -> str:
+    """Calibration rows as text (also the packet link's, whose sizes are ``ip_packet_size``,
+    rate runs say ``B packets`` and CPU is ``bridge_cpu_share``)."""
     lines = []
     for row in rows:
         if row["test"] == "qsftp":
@@ -1553,41 +1678,30 @@ def _table(rows: Iterable[dict[str, Any]]) -> str:
             )
         elif row["test"] == "rate":
             lines.append(
-                f"rate  {row['rate_mbps']:>6g} Mbit/s {row['datagram_size']:>6} B: delivered "
-                f"{row['delivered_mbps']:8.2f} Mbit/s ({row['rate_error'] * 100:+.1f}%), "
+                f"rate  {row['rate_mbps']:>6g} Mbit/s {row[size_column]:>6} {rate_size}: "
+                f"delivered {row['delivered_mbps']:8.2f} Mbit/s "
+                f"({row['rate_error'] * 100:+.1f}%), "
                 f"lost before the link {row['lost_before_link']}, "
-                f"CPU {row['emulator_cpu_share'] * 100:.0f}%"
+                f"CPU {row[cpu_column] * 100:.0f}%"
             )
         else:
             lines.append(
-                f"delay {row['offered_pps']:>6g} pkt/s {row['datagram_size']:>6} B: one-way p50 "
+                f"delay {row['offered_pps']:>6g} pkt/s {row[size_column]:>6} B: one-way p50 "
                 f"{row['one_way_p50_ms']:.2f} ms, p99 {row['one_way_p99_ms']:.2f} ms "
                 f"(delay {row['delay_ms']:g}), lost before the link {row['lost_before_link']}, "
-                f"CPU {row['emulator_cpu_share'] * 100:.0f}%"
+                f"CPU {row[cpu_column] * 100:.0f}%"
             )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qsftp.netem relay ...`` or ``python -m qsftp.netem calibrate``."""
-    args = _parser().parse_args(argv)
+def _cli(args: argparse.Namespace, command: Callable[[argparse.Namespace], None]) -> int:
+    """Run ``command(args)`` as a ``main()`` does (also the packet link's): ``-v`` sets the
+    log level; a UsageError exits with 2, a TransportError with 3."""
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(message)s"
     )
     try:
-        if args.command == "relay":
-            asyncio.run(_relay(args))
-        else:
-            rows = asyncio.run(
-                calibrate(
-                    rates_mbps=args.rates,
-                    sizes=[int(size) for size in args.sizes],
-                    packet_rates=args.packet_rates,
-                    seconds=args.seconds,
-                    transfer_bytes=args.transfer_bytes,
-                )
-            )
-            _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
+        command(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -1595,6 +1709,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 3
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qsftp.netem relay ...`` or ``python -m qsftp.netem calibrate``."""
+    return _cli(_parser().parse_args(argv), _command)
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "relay":
+        asyncio.run(_relay(args))
+    else:
+        rows = asyncio.run(
+            calibrate(
+                rates_mbps=args.rates,
+                sizes=[int(size) for size in args.sizes],
+                packet_rates=args.packet_rates,
+                seconds=args.seconds,
+                transfer_bytes=args.transfer_bytes,
+            )
+        )
+        _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import itertools
 import json
@@ -56,26 +55,37 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from .errors import PacketLinkUnavailable, TransportError, UsageError
 
 # The relay's timer glue and calibration traffic, shared so both modes behave and are measured
 # alike (private to netem; not part of its public API).
 from .netem import (
+    _CALIBRATION_IDLE,
     _RECEIVER,
     _SENDER,
     DirectionStats,
     LinkModel,
     LinkProfile,
     LinkStats,
-    _field_type,
-    _profile_option,
+    _add_profile_options,
+    _calibration_rows,
+    _child_result,
+    _cli,
+    _direction_profiles,
+    _Lifecycle,
+    _ModelledLink,
+    _numbers,
+    _out,
+    _profiles_from_args,
     _Pump,
+    _run_columns,
+    _run_until_signal,
+    _table,
 )
 
 __all__ = [
@@ -349,7 +359,7 @@ def _release(namespaces: list[str], fds: dict[str, int]) -> None:
 _SIDES = ("server", "client")
 
 
-class _Hosts:
+class _Hosts(_Lifecycle):
     """Two network namespaces, a server's and a client's, joined somehow (the subclass's
     ``_connect``), and the processes this object started in them."""
 
@@ -437,18 +447,6 @@ class _Hosts:
         finally:
             self._teardown()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     def _teardown(self) -> None:
         """Synchronous, so it completes even when the task is being cancelled."""
         self._closed = True
@@ -533,7 +531,7 @@ class _Hosts:
         return subprocess.CompletedProcess(list(argv), process.returncode, out, err)
 
 
-class PacketLink(_Hosts):
+class PacketLink(_ModelledLink, _Hosts):
     """Two network namespaces joined by an emulated link that impairs every IP packet.
 
     The profile vocabulary is :class:`qsftp.netem.LinkEmulator`'s: keyword fields of a
@@ -557,60 +555,15 @@ class PacketLink(_Hosts):
         mtu: int = DEFAULT_MTU,
         **shorthand: Any,
     ) -> None:
-        if shorthand and profile is not None:
-            raise UsageError("give either profile= or profile fields as keywords, not both")
-        if shorthand:
-            try:
-                profile = LinkProfile(**shorthand)
-            except TypeError:
-                known = {f.name for f in dataclasses.fields(LinkProfile)}
-                unknown = ", ".join(sorted(set(shorthand) - known))
-                raise UsageError(f"not a LinkProfile field: {unknown}") from None
+        up, down = _direction_profiles(profile, uplink, downlink, shorthand)
         super().__init__(mtu=mtu)
-        base = profile if profile is not None else LinkProfile()
         self.seed = seed
         "The seed of every random choice; the same seed gives the same fates."
-        self._up = LinkModel(uplink if uplink is not None else base, seed=seed, name="uplink")
-        self._down = LinkModel(
-            downlink if downlink is not None else base, seed=seed, name="downlink"
-        )
+        self._up = LinkModel(up, seed=seed, name="uplink")
+        self._down = LinkModel(down, seed=seed, name="downlink")
         self._pumps: list[_Pump] = []
         self._host_dropped = [0, 0]  # writes into a TUN device that failed: up, down
         self._drained: list[asyncio.Future[None]] = []
-
-    # --- configuration --------------------------------------------------------------------
-
-    @property
-    def uplink(self) -> LinkProfile:
-        """The client → server profile (assignable; applies to packets from then on)."""
-        return self._up.profile
-
-    @uplink.setter
-    def uplink(self, profile: LinkProfile) -> None:
-        self._up.profile = profile
-
-    @property
-    def downlink(self) -> LinkProfile:
-        """The server → client profile (assignable; applies to packets from then on)."""
-        return self._down.profile
-
-    @downlink.setter
-    def downlink(self, profile: LinkProfile) -> None:
-        self._down.profile = profile
-
-    def label(self) -> str:
-        """The profile's label, or ``up: …; down: …`` when the directions differ."""
-        if self.uplink == self.downlink:
-            return self.uplink.label()
-        return f"up: {self.uplink.label()}; down: {self.downlink.label()}"
-
-    def as_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """Both profiles as flat columns (as :meth:`qsftp.netem.LinkEmulator.as_dict`)."""
-        return {
-            **self.uplink.as_dict(prefix + "up_"),
-            **self.downlink.as_dict(prefix + "down_"),
-            prefix + "seed": self.seed,
-        }
 
     # --- counters ---------------------------------------------------------------------------
 
@@ -621,16 +574,6 @@ class PacketLink(_Hosts):
             downlink=self._down.stats(host_dropped=self._host_dropped[1]),
             clients=1,
         )
-
-    def stats_dict(self, prefix: str = "link_") -> dict[str, Any]:
-        """:meth:`stats` flattened for a DataFrame row (``link_up_lost_packets``, ...)."""
-        return self.stats().as_dict(prefix)
-
-    def reset_stats(self) -> None:
-        """Zero the counters; packets in flight stay in flight."""
-        self._up.reset_counters()
-        self._down.reset_counters()
-        self._host_dropped = [0, 0]
 
     # --- the bridge -------------------------------------------------------------------------
 
@@ -664,19 +607,6 @@ class PacketLink(_Hosts):
         self._down.clear()
         self._wake_drained()
 
-    async def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until no packet is in flight in either direction (or the link is closed)."""
-        if self._closed or not (self._up.pending_packets or self._down.pending_packets):
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drained.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                self._drained.remove(waiter)
-
     def _read(self, fd: int, model: LinkModel) -> None:
         read, submit, clock = os.read, model.submit, time.monotonic
         for _ in range(_READ_BATCH):
@@ -702,14 +632,6 @@ class PacketLink(_Hosts):
                 self._host_dropped[direction] += 1
 
         return write
-
-    def _wake_drained(self) -> None:
-        if self._drained and (
-            self._closed or not (self._up.pending_packets or self._down.pending_packets)
-        ):
-            for waiter in self._drained:
-                if not waiter.done():
-                    waiter.set_result(None)
 
 
 class VethLink(_Hosts):
@@ -1189,22 +1111,6 @@ async def lab_transfer(
 
 # IPv4 + UDP headers: a UDP payload of n bytes is an IP packet of n + 28 on the link.
 _UDP_OVERHEAD = 28
-# The bottleneck queue of a calibration rate run, in milliseconds of the link's rate.
-_CALIBRATION_QUEUE_MS = 50.0
-
-
-async def _child_result(process: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            line = await process.stdout.readline()
-            await process.wait()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise TransportError("a calibration helper process did not finish in time") from None
-    result: dict[str, Any] = json.loads(line)
-    return result
 
 
 async def _calibration_run(
@@ -1217,7 +1123,7 @@ async def _calibration_run(
             sys.executable,
             "-c",
             _RECEIVER,
-            json.dumps([link.server_addr, seconds + 30.0, 0.5]),
+            json.dumps([link.server_addr, seconds + 30.0, _CALIBRATION_IDLE]),
             stdout=subprocess.PIPE,
         )
         assert receiver.stdout is not None
@@ -1238,26 +1144,17 @@ async def _calibration_run(
         stats = link.stats().uplink
         received = await _child_result(receiver, 30.0)
     packet = size + _UDP_OVERHEAD
-    delivered = (
-        received["bytes_after_first"] * packet / size * 8 / received["seconds"] / 1e6
-        if received["seconds"]
-        else 0.0
-    )
     return {
         "datagram_size": size,
         "ip_packet_size": packet,
-        "offered_pps": packets_per_second,
-        "offered_mbps": packets_per_second * packet * 8 / 1e6,
-        "sent": sent,
-        "link_received": stats.received_packets,
-        "lost_before_link": sent - stats.received_packets,
-        "queue_dropped": stats.queue_dropped_packets,
-        "host_dropped": stats.host_dropped_packets,
-        "forwarded": stats.forwarded_packets,
-        "receiver_count": received["count"],
-        "delivered_mbps": delivered,
-        "one_way_p50_ms": received["one_way_p50_ms"],
-        "one_way_p99_ms": received["one_way_p99_ms"],
+        **_run_columns(
+            size=size,
+            packet=packet,
+            packets_per_second=packets_per_second,
+            sent=sent,
+            stats=stats,
+            received=received,
+        ),
         "bridge_cpu_share": cpu / wall,
     }
 
@@ -1279,40 +1176,19 @@ async def calibrate(
     ``delay_ms`` and a 50 ms queue; delay runs send 1200-byte datagrams at each packet rate
     through ``delay_ms`` alone. ``bridge_cpu_share`` is this process's CPU over the run.
     """
-    rows: list[dict[str, Any]] = []
-    for rate in rates_mbps:
-        for size in sizes:
-            packet = size + _UDP_OVERHEAD
-            queue = max(2 * packet, int(rate * 1e6 / 8 * _CALIBRATION_QUEUE_MS / 1000))
-            profile = LinkProfile(
-                delay_ms=delay_ms, rate_mbps=rate, queue_packets=100_000, queue_bytes=queue
-            )
-            pps = overload * rate * 1e6 / 8 / packet
-            row = await _calibration_run(
-                profile, size=size, packets_per_second=pps, seconds=seconds
-            )
-            rows.append({"test": "rate", "rate_mbps": rate, "delay_ms": delay_ms, **row})
-            rows[-1]["rate_error"] = row["delivered_mbps"] / rate - 1
-    for pps in packet_rates:
-        profile = LinkProfile(delay_ms=delay_ms)
-        row = await _calibration_run(profile, size=1200, packets_per_second=pps, seconds=seconds)
-        rows.append({"test": "delay", "rate_mbps": None, "delay_ms": delay_ms, **row})
-        rows[-1]["delay_error_ms"] = (
-            row["one_way_p50_ms"] - delay_ms if row["one_way_p50_ms"] else None
-        )
-    return rows
+    return await _calibration_rows(
+        _calibration_run,
+        rates_mbps=rates_mbps,
+        sizes=sizes,
+        packet_rates=packet_rates,
+        seconds=seconds,
+        delay_ms=delay_ms,
+        overload=overload,
+        overhead=_UDP_OVERHEAD,
+    )
 
 
 # --- command line -----------------------------------------------------------------------------
-
-
-def _numbers(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers separated by commas: {text!r}"
-        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1324,18 +1200,7 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="bring a link up until SIGINT/SIGTERM")
     up.add_argument("--seed", type=int, default=1)
     up.add_argument("--mtu", type=int, default=DEFAULT_MTU)
-    impairments = up.add_argument_group("impairments, both directions (LinkProfile fields)")
-    for field in dataclasses.fields(LinkProfile):
-        impairments.add_argument(
-            "--" + field.name.replace("_", "-"), type=_field_type(field.name), dest=field.name
-        )
-    for direction in ("uplink", "downlink"):
-        up.add_argument(
-            f"--{direction}",
-            type=_profile_option,
-            metavar="FIELD=VALUE,...",
-            help=f"the whole {direction} profile (overrides the flags for that direction)",
-        )
+    _add_profile_options(up)
     calibration = commands.add_parser("calibrate", help="measure the link's accuracy here")
     calibration.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
     calibration.add_argument(
@@ -1365,90 +1230,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out(text: str) -> None:
-    """The CLI's only way to print."""
-    print(text, flush=True)  # noqa: T201
-
-
 async def _up(args: argparse.Namespace) -> None:
-    fields = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(LinkProfile)
-        if getattr(args, f.name) is not None
-    }
-    profile = LinkProfile(**fields)
-    link = PacketLink(
-        profile,
-        uplink=LinkProfile(**args.uplink) if args.uplink is not None else None,
-        downlink=LinkProfile(**args.downlink) if args.downlink is not None else None,
-        seed=args.seed,
-        mtu=args.mtu,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with link:
-        _out(
+    profile, uplink, downlink = _profiles_from_args(args)
+    link = PacketLink(profile, uplink=uplink, downlink=downlink, seed=args.seed, mtu=args.mtu)
+    await _run_until_signal(
+        link,
+        lambda: (
             f"qsftp packet link up: client {link.client_addr} in {link.client_ns}, "
             f"server {link.server_addr} in {link.server_ns}: {link.label()}"
-        )
-        await stop.wait()
-        _out(json.dumps(link.stats_dict()))
-
-
-def _table(rows: Iterable[dict[str, Any]]) -> str:
-    lines = []
-    for row in rows:
-        if row["test"] == "rate":
-            lines.append(
-                f"rate  {row['rate_mbps']:>6g} Mbit/s {row['ip_packet_size']:>6} B packets: "
-                f"delivered {row['delivered_mbps']:8.2f} Mbit/s ({row['rate_error'] * 100:+.1f}%), "
-                f"lost before the link {row['lost_before_link']}, "
-                f"CPU {row['bridge_cpu_share'] * 100:.0f}%"
-            )
-        else:
-            lines.append(
-                f"delay {row['offered_pps']:>6g} pkt/s {row['ip_packet_size']:>6} B: one-way p50 "
-                f"{row['one_way_p50_ms']:.2f} ms, p99 {row['one_way_p99_ms']:.2f} ms "
-                f"(delay {row['delay_ms']:g}), lost before the link {row['lost_before_link']}, "
-                f"CPU {row['bridge_cpu_share'] * 100:.0f}%"
-            )
-    return "\n".join(lines)
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qsftp.packetlink up|calibrate|cleanup``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(message)s"
-    )
-    try:
-        if args.command == "up":
-            asyncio.run(_up(args))
-        elif args.command == "cleanup":
-            reason = unavailable_reason()
-            if reason is not None:
-                raise PacketLinkUnavailable(reason)
-            removed = cleanup_stale()
-            _out(f"deleted {len(removed)} stale namespace(s)" + "".join(f"\n{n}" for n in removed))
+    return _cli(_parser().parse_args(argv), _command)
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "up":
+        asyncio.run(_up(args))
+    elif args.command == "cleanup":
+        reason = unavailable_reason()
+        if reason is not None:
+            raise PacketLinkUnavailable(reason)
+        removed = cleanup_stale()
+        _out(f"deleted {len(removed)} stale namespace(s)" + "".join(f"\n{n}" for n in removed))
+    else:
+        rows = asyncio.run(
+            calibrate(
+                rates_mbps=args.rates,
+                sizes=[int(size) for size in args.sizes],
+                packet_rates=args.packet_rates,
+                seconds=args.seconds,
+            )
+        )
+        if args.json:
+            _out("\n".join(json.dumps(row) for row in rows))
         else:
-            rows = asyncio.run(
-                calibrate(
-                    rates_mbps=args.rates,
-                    sizes=[int(size) for size in args.sizes],
-                    packet_rates=args.packet_rates,
-                    seconds=args.seconds,
+            _out(
+                _table(
+                    rows,
+                    size_column="ip_packet_size",
+                    rate_size="B packets",
+                    cpu_column="bridge_cpu_share",
                 )
             )
-            _out("\n".join(json.dumps(row) for row in rows) if args.json else _table(rows))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except TransportError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 3
-    return 0
 
 
 if __name__ == "__main__":

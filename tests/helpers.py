@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60
 
 
-def run(body: Callable[[], Awaitable[Any]]) -> Any:
+def run(body: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
     async def bounded() -> Any:
-        return await asyncio.wait_for(body(), TIMEOUT)
+        return await asyncio.wait_for(body(), timeout)
 
     return asyncio.run(bounded())
 
@@ -49,10 +49,12 @@ def partials(root: Path) -> list[Path]:
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Certificates, known hosts and tickets go to the test's own directory, never to ~; no
-    token from the caller's environment. A test module uses it by importing it."""
+    """Certificates, known hosts, tickets and generated test files go to the test's own
+    directory, never to ~; no token from the caller's environment. A test module uses it by
+    importing it."""
     monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("QSFTP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
     monkeypatch.delenv("QSFTP_TOKEN", raising=False)
 

@@ -17,36 +17,20 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from helpers import (
+    ROOT,
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    run,
+)
 
 import qsftp
 from qsftp import netem
 from qsftp.errors import UsageError
 from qsftp.netem import LinkEmulator, LinkModel, LinkProfile
-
-TIMEOUT = 60
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Certificates and known hosts go to the test's own directory, never to ~."""
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("QSFTP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-    monkeypatch.delenv("QSFTP_TOKEN", raising=False)
-
-
-def run(body: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(body(), timeout)
-
-    return asyncio.run(bounded())
 
 
 def within_sigmas(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:

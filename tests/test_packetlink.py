@@ -14,19 +14,21 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    isolated_home,  # noqa: F401 (an autouse fixture)
+    run,
+)
 
-from qsftp import packetlink
+from qsftp import netem, packetlink
 from qsftp.errors import PacketLinkUnavailable, UsageError
 from qsftp.experiment import LINK_COLUMNS, measured, sweep
 from qsftp.netem import LinkProfile
 from qsftp.packetlink import PacketLink, VethLink, lab_server, lab_transfer
 
-TIMEOUT = 60
 REASON = packetlink.unavailable_reason()
 
 
@@ -34,22 +36,6 @@ REASON = packetlink.unavailable_reason()
 def needs_packet_link() -> None:
     if REASON is not None:
         pytest.skip(REASON)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QSFTP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("QSFTP_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("QSFTP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("QSFTP_KNOWN_HOSTS", raising=False)
-    monkeypatch.delenv("QSFTP_TOKEN", raising=False)
-
-
-def run(body: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(body(), timeout)
-
-    return asyncio.run(bounded())
 
 
 def namespaces() -> set[str]:
@@ -84,33 +70,6 @@ for i in range(count):
     sock.recv(100)
     rtts.append(time.perf_counter() - start)
 print(json.dumps(statistics.median(rtts) * 1000))
-"""
-# Counts datagrams until `idle` seconds pass without one (after the first).
-SINK = r"""
-import json, socket, sys, time
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-sock.bind((sys.argv[1], 0))
-print(sock.getsockname()[1], flush=True)
-sock.settimeout(float(sys.argv[2]))
-count = size = 0
-first = last = None
-end = time.monotonic() + 30
-while time.monotonic() < end:
-    try:
-        data = sock.recv(65535)
-    except TimeoutError:
-        if count:
-            break
-        continue
-    now = time.monotonic()
-    if first is None:
-        first = now
-    else:
-        size += len(data)
-    last = now
-    count += 1
-print(json.dumps({"count": count, "bytes_after_first": size, "seconds": last - first}))
 """
 # Sends `count` datagrams of `size` bytes at `pps` per second.
 BLAST = r"""
@@ -158,6 +117,25 @@ async def start_program(
     assert process.stdout is not None
     async with asyncio.timeout(10):
         port = int(await process.stdout.readline())
+    return process, port
+
+
+async def start_sink(link: PacketLink, idle: float) -> tuple[asyncio.subprocess.Process, int]:
+    """netem's calibration receiver on the server side: it counts datagrams until ``idle``
+    seconds pass without one (after the first), then prints count, bytes and seconds."""
+    arg = json.dumps([link.server_addr, 30.0, idle])
+    process = await link.spawn(
+        "server",
+        sys.executable,
+        "-c",
+        netem._RECEIVER,
+        arg,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(10):
+        port = int(json.loads(await process.stdout.readline())["port"])
     return process, port
 
 
@@ -224,7 +202,7 @@ def test_drop_fraction_matches_the_loss_and_the_counters_match_the_receiver() ->
 
     async def body() -> tuple[dict[str, Any], Any]:
         async with PacketLink(uplink=LinkProfile(loss=p), seed=11) as link:
-            sink, port = await start_program(link, "server", SINK, link.server_addr, "1.0")
+            sink, port = await start_sink(link, 1.0)
             blast = [sys.executable, "-c", BLAST, link.server_addr, str(port), "200", "5000"]
             result = await link.run("client", *blast, str(n))
             assert int(result.stdout) == n
@@ -247,7 +225,7 @@ def test_delivered_rate_under_saturation_is_within_ten_percent() -> None:
     async def body() -> tuple[dict[str, Any], Any]:
         profile = LinkProfile(rate_mbps=rate, queue_packets=50)
         async with PacketLink(uplink=profile) as link:
-            sink, port = await start_program(link, "server", SINK, link.server_addr, "0.5")
+            sink, port = await start_sink(link, 0.5)
             blast = [sys.executable, "-c", BLAST, link.server_addr, str(port), str(size)]
             await link.run("client", *blast, str(pps), str(count))
             return await output_of(sink), link.stats().uplink
@@ -406,7 +384,7 @@ def test_veth_tbf_delivers_its_rate_within_ten_percent_and_tail_drops() -> None:
 
     async def body() -> tuple[dict[str, Any], Any]:
         async with VethLink(uplink_mbps=rate) as link:
-            sink, port = await start_program(link, "server", SINK, link.server_addr, "0.5")
+            sink, port = await start_sink(link, 0.5)
             link.reset_stats()
             blast = [sys.executable, "-c", BLAST, link.server_addr, str(port), str(size)]
             await link.run("client", *blast, str(pps), str(count))
