@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from tqdm import tqdm
 
@@ -96,6 +96,7 @@ __all__ = [
     "upload_striped",
 ]
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 # How long the handshake and session opening may take before we give up: long enough for a
@@ -113,6 +114,10 @@ RESUME_RETRIES = 8
 # With --connections N, files at least this large are striped; smaller ones gain nothing
 # from the extra commit pass and go whole over the first connection.
 STRIPE_MIN_SIZE = 8 * 1024 * 1024
+# A striped upload deals the file out in blocks of this size, in turn, so that the server's
+# running hash of the contiguous beginning (fs.PrefixHash) keeps up with the ranges arriving;
+# large enough that a block's own request and DONE cost nothing next to its data.
+STRIPE_BLOCK = 8 * 1024 * 1024
 # TLS alerts arrive as QUIC CRYPTO_ERROR codes 0x100 + alert.
 _CRYPTO_ERROR_MIN, _CRYPTO_ERROR_MAX = 0x100, 0x1FF
 _NO_APPLICATION_PROTOCOL = 0x100 + 120
@@ -505,13 +510,16 @@ class Connection:
         *,
         chunk_size: int,
         progress: Callable[[int], None] | None,
+        sent: asyncio.Event | None = None,
     ) -> tuple[bytes, OperationDone]:
-        """Send ``size`` bytes of ``file`` and END, then wait for DONE and check that the
-        server stored exactly what was sent; returns the digest and the DONE."""
+        """Send ``size`` bytes of ``file`` and END (then set ``sent``), wait for DONE and check
+        that the server stored exactly what was sent; returns the digest and the DONE."""
         protocol = self._protocol
         digest = await send_body(protocol, channel, file, size, chunk_size, progress=progress)
         protocol.qsftp.send_end(channel.stream_id, digest)
         protocol.flush()
+        if sent is not None:
+            sent.set()
         event = await channel.next_event()
         if not isinstance(event, OperationDone):
             raise event_error(event)
@@ -533,8 +541,10 @@ class Connection:
         upload_id: bytes,
         chunk_size: int,
         progress: Callable[[int], None] | None,
+        sent: asyncio.Event | None = None,
     ) -> int:
-        """Send one range of a striped upload; return the server's CPU µs for it."""
+        """Send one range of a striped upload; return the server's CPU µs for it. ``sent`` is
+        set once the whole range is queued for sending (its DONE may still be on the way)."""
         protocol = self._protocol
         with _open_local(path) as file:
             await asyncio.to_thread(file.seek, offset)
@@ -549,7 +559,7 @@ class Connection:
                 )
                 protocol.flush()
                 _, event = await self._send_verified(
-                    channel, file, length, chunk_size=chunk_size, progress=progress
+                    channel, file, length, chunk_size=chunk_size, progress=progress, sent=sent
                 )
                 return event.server_cpu_us
 
@@ -1162,9 +1172,14 @@ async def upload_striped(
 ) -> TransferResult:
     """Upload one file as byte ranges over several connections at once.
 
-    The server writes every range in place into one hidden partial file; when all ranges are
-    stored, one COMMIT on the first connection has the server hash the whole file, compare it
-    with the SHA-256 computed here (in a worker thread, while the ranges travel) and rename it.
+    The file is cut into blocks of :data:`STRIPE_BLOCK` (fewer, larger ones for a file under
+    ``STRIPE_BLOCK`` × connections) dealt out in turn, so the connections move through the file
+    side by side; each sends its blocks one after another, starting the next as soon as the
+    previous one is queued. The server writes every block in place into one hidden partial file
+    and keeps a running SHA-256 of its contiguous beginning (fs.PrefixHash), so that the COMMIT
+    on the first connection, sent when every block is stored, finds the whole file hashed; it
+    compares that digest with the SHA-256 computed here (in a worker thread, while the blocks
+    travel) and renames the file.
     """
     _check_chunk_size(chunk_size)
     if not connections:
@@ -1175,31 +1190,52 @@ async def upload_striped(
         size = os.fstat(probe.fileno()).st_size
     first = connections[0]
     upload_id = secrets.token_bytes(UPLOAD_ID_LEN)
-    # Ranges are whole multiples of READ_BLOCK, so every disk read stays aligned.
-    per = -(-size // len(connections) // READ_BLOCK) * READ_BLOCK or READ_BLOCK
-    ranges = [(offset, min(per, size - offset)) for offset in range(0, size, per)] or [(0, 0)]
+    # Blocks are whole multiples of READ_BLOCK, so every disk read stays aligned.
+    per = min(STRIPE_BLOCK, -(-size // len(connections) // READ_BLOCK) * READ_BLOCK) or READ_BLOCK
+    blocks = [(offset, min(per, size - offset)) for offset in range(0, size, per)] or [(0, 0)]
     started_at = _now_iso()
     stats_start = [conn.stats() for conn in connections]
     cpu_start = cpu_time()
     started = time.perf_counter()
     whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
     whole.add_done_callback(consume_result)  # a failure is raised where it is awaited
-    try:
-        parts = await _gather_ranges(
-            [
-                connections[i % len(connections)]._upload_range(
-                    local,
-                    name=name,
-                    total_size=size,
-                    offset=offset,
-                    length=length,
-                    upload_id=upload_id,
-                    chunk_size=chunk_size,
-                    progress=progress,
+
+    async def send_blocks(conn: Connection, mine: list[tuple[int, int]]) -> list[int]:
+        """One connection's blocks in turn; returns the server CPU µs of each."""
+        async with asyncio.TaskGroup() as tasks:
+            running = []
+            for offset, length in mine:
+                sent = asyncio.Event()
+                task = tasks.create_task(
+                    conn._upload_range(
+                        local,
+                        name=name,
+                        total_size=size,
+                        offset=offset,
+                        length=length,
+                        upload_id=upload_id,
+                        chunk_size=chunk_size,
+                        progress=progress,
+                        sent=sent,
+                    )
                 )
-                for i, (offset, length) in enumerate(ranges)
+                running.append(task)
+                queued = asyncio.ensure_future(sent.wait())
+                try:
+                    await asyncio.wait([task, queued], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    queued.cancel()
+        return [task.result() for task in running]
+
+    try:
+        per_connection = await _gather_ranges(
+            [
+                send_blocks(conn, blocks[i :: len(connections)])
+                for i, conn in enumerate(connections)
+                if blocks[i :: len(connections)]
             ]
         )
+        parts = [us for done in per_connection for us in done]
         digest = bytes.fromhex(await whole)
         done = await first._finish_striped(
             name=name, total_size=size, upload_id=upload_id, sha256=digest
@@ -1241,7 +1277,7 @@ async def upload_striped(
     )
 
 
-async def _gather_ranges(jobs: list[Coroutine[Any, Any, int]]) -> list[int]:
+async def _gather_ranges(jobs: list[Coroutine[Any, Any, T]]) -> list[T]:
     """Run the range uploads together; the first failure cancels the rest and is raised as it
     is (not wrapped in an exception group)."""
     try:

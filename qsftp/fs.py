@@ -113,12 +113,20 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before we can refuse it.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# A striped upload's ranges share one partial file: created by whichever range comes first.
-_PARTIAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+# A striped upload's ranges share one partial file: created by whichever range comes first,
+# read as well as written (fs.PrefixHash reads back ranges that arrived ahead of the prefix).
+_PARTIAL_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _UPLOAD_ID_BYTES = 16
 _HEX = frozenset("0123456789abcdef")
 # Read size when hashing a whole partial file at commit (hashlib releases the GIL per call).
 _HASH_BLOCK = 1024 * 1024
+# Striped uploads whose running whole-file hash a Root keeps (one small object each). Past this
+# the least recently used is forgotten, and its COMMIT reads and hashes the file instead.
+_MAX_PREFIX_HASHES = 256
+# Written-but-not-yet-hashed intervals one of them remembers. Striping keeps a few (one per
+# connection ahead of the prefix); a client sending many scattered ranges only loses the
+# shortcut, since whatever is not remembered is read at COMMIT.
+_MAX_PENDING_INTERVALS = 64
 
 
 def _show(name: str) -> str:
@@ -288,6 +296,9 @@ class Root(_CleanedUpOnExit):
             self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise LocalFileError(f"root {os.fspath(path)!r}: {exc.strerror}") from exc
+        # Running whole-file hashes of striped uploads, by (name, upload id); oldest first.
+        self._prefix_hashes: dict[tuple[str, str], PrefixHash] = {}
+        self._prefix_hashes_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Root({str(self.path)!r})"
@@ -439,9 +450,27 @@ class Root(_CleanedUpOnExit):
                 raise _write_error(exc, name) from None
         finally:
             os.close(parent)
+        st = os.fstat(fd)
+        prefix = self._prefix_hash((name, upload_id), create=True, file_id=(st.st_dev, st.st_ino))
         # Not preallocated: the partial file's size is what has been written up to its end,
         # which is what a resumed upload asks for (probe_partial); COMMIT checks the size.
-        return RangeWriter(fd, name=name, total_size=total_size)
+        return RangeWriter(fd, name=name, total_size=total_size, prefix=prefix)
+
+    def _prefix_hash(
+        self, key: tuple[str, str], *, create: bool, file_id: tuple[int, int] = (0, 0)
+    ) -> PrefixHash | None:
+        """The running hash of striped upload ``key``: made (or replaced, when the partial file
+        is not the one it hashed) with ``create``, else removed from the table and returned."""
+        with self._prefix_hashes_lock:
+            found = self._prefix_hashes.pop(key, None)
+            if not create:
+                return found
+            if found is None or found.file_id != file_id:
+                found = PrefixHash(file_id)
+            self._prefix_hashes[key] = found  # now the most recently used
+            while len(self._prefix_hashes) > _MAX_PREFIX_HASHES:
+                del self._prefix_hashes[next(iter(self._prefix_hashes))]
+            return found
 
     def probe_partial(self, name: str, upload_id: str) -> tuple[int, str]:
         """Size and SHA-256 of what the partial file of ``upload_id`` holds ((0, digest of
@@ -487,17 +516,18 @@ class Root(_CleanedUpOnExit):
                 raise NotFound(f"{_show(name)}: no ranges of this upload arrived") from None
             except OSError as exc:
                 raise _os_error(exc, name) from None
+            prefix = self._prefix_hash((name, upload_id), create=False)
             try:
-                size = os.fstat(fd).st_size
-                hasher = hashlib.sha256()
-                while block := os.read(fd, _HASH_BLOCK):
-                    hasher.update(block)
+                st = os.fstat(fd)
+                if prefix is None or prefix.file_id != (st.st_dev, st.st_ino):
+                    prefix = PrefixHash((st.st_dev, st.st_ino))
+                digest = prefix.finish(fd, st.st_size)
                 os.fsync(fd)
             except OSError as exc:
                 raise _write_error(exc, name) from None
             finally:
                 os.close(fd)
-            digest = hasher.hexdigest()
+            size = st.st_size
             if size != total_size or digest != expected_sha256.lower():
                 with contextlib.suppress(OSError):
                     os.unlink(partial, dir_fd=parent)
@@ -513,12 +543,18 @@ class Root(_CleanedUpOnExit):
                 raise _write_error(exc, name) from None
         finally:
             os.close(parent)
-        logger.debug("committed striped upload %r: %d bytes", name, size)
+        logger.debug(
+            "committed striped upload %r: %d bytes, %d of them read at commit",
+            name,
+            size,
+            prefix.read_at_finish,
+        )
         return digest
 
     def abort_partial(self, name: str, upload_id: str) -> bool:
         """Remove the partial file of a striped upload; False when there was none."""
         name = normalize_name(name)
+        self._prefix_hash((name, upload_id), create=False)
         parts = _split(name)
         try:
             parent = self._open_dir(parts[:-1], name)
@@ -676,15 +712,137 @@ def _partial_name(final: str, upload_id: str) -> str:
     return f".{stem}.{upload_id}{PARTIAL_SUFFIX}"
 
 
+class PrefixHash:
+    """The SHA-256 of a striped upload's partial file, kept up to date while its ranges are
+    written, so that COMMIT does not read and hash the whole file again after the last range.
+
+    Bytes written at the end of the hashed prefix are hashed from memory as they are written;
+    bytes written further on are remembered as intervals and read back from the file (the page
+    cache, usually) once the prefix reaches them. One thread hashes at a time; the others only
+    record what they wrote. A write into the hashed prefix (a range sent again) spoils the
+    running hash, and :meth:`finish` then hashes the whole file. ``file_id`` (device, inode)
+    ties the hash to one partial file: a file removed and created again is hashed afresh.
+
+    What this process did not see — ranges written by another server process (``--workers``)
+    or before a restart — is read at :meth:`finish`, so the digest is always the file's.
+    """
+
+    def __init__(self, file_id: tuple[int, int]) -> None:
+        self.file_id = file_id
+        self._sha256 = hashlib.sha256()
+        self._cond = threading.Condition()
+        self._hashed = 0  # bytes [0, _hashed) are in _sha256
+        self._claimed = 0  # ... or being added by the thread that is hashing (up to here)
+        self._pending: list[tuple[int, int]] = []  # written, not hashed: sorted, disjoint
+        self._hashing = False
+        self._spoiled = False
+        self.read_at_finish = 0
+        "Bytes :meth:`finish` had to read from the file (0: all were hashed as they came)."
+
+    def written(self, fd: int, offset: int, data: memoryview) -> None:
+        """Note that ``data`` was written at ``offset`` of ``fd``; hash what is now contiguous
+        (in the calling thread, unless another thread is hashing)."""
+        end = offset + data.nbytes
+        with self._cond:
+            if self._spoiled or offset == end:
+                return
+            if offset < self._claimed:
+                self._spoiled = True
+                return
+            if self._hashing or offset != self._hashed:
+                self._add_pending(offset, end)
+                return
+            self._hashing = True
+            self._claimed = end
+        try:
+            self._sha256.update(data)
+        except BaseException:
+            self._release(spoil=True)
+            raise
+        self._advance(fd, end)
+
+    def finish(self, fd: int, size: int) -> str:
+        """Hash the rest of the file ``fd`` (``size`` bytes) and return the whole SHA-256."""
+        with self._cond:
+            while self._hashing:
+                self._cond.wait()
+            if self._spoiled or self._hashed > size:
+                self._sha256, self._hashed, self._spoiled = hashlib.sha256(), 0, False
+            self._pending.clear()  # all of it is read below
+            self._hashing = True
+            self._claimed = size
+            start = self._hashed
+        self.read_at_finish = size - start
+        try:
+            self._hash_file(fd, start, size)
+        finally:
+            self._release(spoil=True)  # used once: a later write must not reuse this state
+        return self._sha256.hexdigest()
+
+    def _add_pending(self, offset: int, end: int) -> None:
+        merged = []
+        for start, stop in self._pending:
+            if stop < offset or start > end:
+                merged.append((start, stop))
+            else:
+                offset, end = min(start, offset), max(stop, end)
+        if len(merged) >= _MAX_PENDING_INTERVALS:
+            return  # not remembered: finish() reads it
+        merged.append((offset, end))
+        merged.sort()
+        self._pending = merged
+
+    def _advance(self, fd: int, hashed: int) -> None:
+        """Having hashed up to ``hashed``, go on through the pending intervals that follow."""
+        try:
+            while True:
+                with self._cond:
+                    self._hashed = hashed
+                    if self._spoiled or not self._pending or self._pending[0][0] != hashed:
+                        break
+                    _, end = self._pending.pop(0)
+                    self._claimed = end
+                self._hash_file(fd, hashed, end)
+                hashed = end
+        except BaseException:
+            self._release(spoil=True)
+            raise
+        self._release(spoil=False)
+
+    def _hash_file(self, fd: int, start: int, end: int) -> None:
+        # One buffer read into again and again: a fresh 1 MiB bytes object per read costs a
+        # new mapping and its page faults each time (the allocator's mmap threshold).
+        buffer = memoryview(bytearray(min(_HASH_BLOCK, end - start)))
+        while start < end:
+            count = os.preadv(fd, [buffer[: end - start]], start)
+            if not count:
+                raise OSError(errno.EIO, "partial file shorter than what was written to it")
+            self._sha256.update(buffer[:count])
+            start += count
+        with self._cond:
+            self._hashed = end
+
+    def _release(self, *, spoil: bool) -> None:
+        with self._cond:
+            self._hashing = False
+            self._claimed = self._hashed
+            if spoil:
+                self._spoiled = True
+            self._cond.notify_all()
+
+
 class RangeWriter:
     """Writes one byte range into a striped upload's shared partial file (from
     :meth:`Root.open_range`), hashing the range as it goes."""
 
-    def __init__(self, fd: int, *, name: str, total_size: int) -> None:
+    def __init__(
+        self, fd: int, *, name: str, total_size: int, prefix: PrefixHash | None = None
+    ) -> None:
         self.name = name
         self.total_size = total_size
         self._fd = fd
         self._sha256 = hashlib.sha256()
+        self._prefix = prefix
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` (ranges arrive in order within themselves)."""
@@ -692,13 +850,19 @@ class RangeWriter:
         if offset + view.nbytes > self.total_size:
             raise TooLarge(f"{_show(self.name)}: range ends beyond {self.total_size} bytes")
         self._sha256.update(view)
+        start, rest = offset, view
         try:
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view = view[written:]
+            while rest:
+                written = os.pwrite(self._fd, rest, offset)
+                rest = rest[written:]
                 offset += written
         except OSError as exc:
             raise _write_error(exc, self.name) from None
+        if self._prefix is not None:
+            try:
+                self._prefix.written(self._fd, start, view)
+            except OSError as exc:
+                raise _os_error(exc, self.name) from None
 
     def hexdigest(self) -> str:
         """SHA-256 of this range so far."""

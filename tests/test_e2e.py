@@ -492,6 +492,29 @@ def test_striped_upload_assembles_one_verified_file(
     assert partials(root) == []
 
 
+def test_striped_upload_deals_blocks_out_and_commit_reads_nothing_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Blocks alternate between the connections; the server's running hash has the whole file
+    by the time COMMIT comes, so COMMIT does not read it again."""
+    monkeypatch.setattr(qsftp.client, "STRIPE_BLOCK", 1 << 20)
+    src = make_file(tmp_path / "s.bin", (5 << 20) + 777)
+    root = tmp_path / "root"
+
+    async def body() -> qsftp.TransferResult:
+        async with qsftp.serve(root) as server:
+            return await qsftp.upload(src, server.host, server.port, connections=2)
+
+    with caplog.at_level("DEBUG", logger="qsftp.fs"):
+        result = run(body)
+    assert result.verified and result.connections == 2 and result.sha256 == sha256(src)
+    assert (root / "s.bin").read_bytes() == src.read_bytes()
+    committed = [r.getMessage() for r in caplog.records if "committed striped" in r.getMessage()]
+    assert committed == [
+        f"committed striped upload 's.bin': {src.stat().st_size} bytes, 0 of them read at commit"
+    ]
+
+
 def test_failed_striped_upload_leaves_no_partial_and_no_final(tmp_path: Path) -> None:
     src = make_file(tmp_path / "s.bin", 3 << 20)
     root = tmp_path / "root"

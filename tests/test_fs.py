@@ -720,3 +720,117 @@ def test_stale_partials_are_removed_and_fresh_ones_and_other_files_stay(
         assert root.remove_stale_partials(3600) == 1
     assert not old.exists()
     assert fresh.exists() and kept.exists() and outside.exists()
+
+
+# --- striped uploads: the running whole-file hash ------------------------------------------
+
+
+def _pieces(size: int, step: int) -> list[tuple[int, int]]:
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
+
+
+def _write_ranges(
+    root: Root, name: str, upload_id: str, data: bytes, pieces: list[tuple[int, int]]
+) -> None:
+    """Write the ``pieces`` (start, end) of ``data`` through open_range, in the order given."""
+    for start, end in pieces:
+        writer = root.open_range(name, upload_id, total_size=len(data))
+        try:
+            for at in range(start, end, 100_000):
+                writer.write_at(at, data[at : min(end, at + 100_000)])
+        finally:
+            writer.close()
+
+
+def _committed_and_read(
+    root: Root, name: str, upload_id: str, data: bytes, caplog: pytest.LogCaptureFixture
+) -> int:
+    """Commit, check the digest and the file, return how many bytes COMMIT read back."""
+    with caplog.at_level("DEBUG", logger="qsftp.fs"):
+        digest = root.commit_partial(
+            name, upload_id, total_size=len(data), expected_sha256=hashlib.sha256(data).hexdigest()
+        )
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert (root.path / name).read_bytes() == data
+    message = next(r.getMessage() for r in caplog.records if "committed striped" in r.getMessage())
+    return int(message.rsplit(" of them", 1)[0].rsplit(", ", 1)[1])
+
+
+@pytest.mark.parametrize(
+    "order", [[0, 1, 2], [2, 1, 0], [1, 0, 2]], ids=["in-order", "reversed", "middle-first"]
+)
+def test_striped_commit_finds_the_file_hashed_whatever_the_range_order(
+    root: Root, order: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(1_000_000)
+    pieces = _pieces(len(data), 400_000)
+    _write_ranges(root, "s.bin", "ab" * 16, data, [pieces[i] for i in order])
+    assert _committed_and_read(root, "s.bin", "ab" * 16, data, caplog) == 0
+
+
+def test_striped_ranges_written_from_threads_at_once_are_hashed_before_commit(
+    root: Root, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    data = os.urandom(4_000_000)
+    pieces = _pieces(len(data), 250_000)
+    threads = [
+        threading.Thread(target=_write_ranges, args=(root, "t.bin", "cd" * 16, data, pieces[i::4]))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _committed_and_read(root, "t.bin", "cd" * 16, data, caplog) == 0
+
+
+def test_rewriting_hashed_bytes_makes_commit_hash_the_whole_file_again(
+    root: Root, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = os.urandom(500_000), os.urandom(500_000)
+    _write_ranges(root, "r.bin", "ef" * 16, old, [(0, len(old))])
+    _write_ranges(root, "r.bin", "ef" * 16, new, [(0, len(new))])  # again, other bytes
+    assert _committed_and_read(root, "r.bin", "ef" * 16, new, caplog) == len(new)
+
+
+def test_a_partial_file_made_anew_is_not_hashed_with_the_old_ones_bytes(
+    root: Root, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = os.urandom(300_000), os.urandom(300_000)
+    _write_ranges(root, "n.bin", "12" * 16, first, [(0, len(first))])
+    assert root.abort_partial("n.bin", "12" * 16)
+    _write_ranges(root, "n.bin", "12" * 16, second, [(0, len(second))])
+    assert _committed_and_read(root, "n.bin", "12" * 16, second, caplog) == 0
+
+
+def test_ranges_this_process_did_not_write_are_read_at_commit(
+    root: Root, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when another server process (--workers) wrote them: the digest is the file's."""
+    data = os.urandom(600_000)
+    _write_ranges(root, "w.bin", "34" * 16, data, [(0, len(data))])
+    other = Root(root.path)  # a second Root keeps its own table, as another process would
+    try:
+        assert _committed_and_read(other, "w.bin", "34" * 16, data, caplog) == len(data)
+    finally:
+        other.close()
+
+
+def test_many_scattered_ranges_still_give_the_files_digest(
+    root: Root, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More gaps than the hash remembers: what it forgot is read at COMMIT, still correct."""
+    data = os.urandom(40_000)
+    pieces = _pieces(len(data), 100)
+    _write_ranges(root, "m.bin", "56" * 16, data, pieces[1::2] + pieces[0::2])
+    assert _committed_and_read(root, "m.bin", "56" * 16, data, caplog) > 0
+
+
+def test_a_wrong_whole_file_digest_is_refused_with_the_running_hash(root: Root) -> None:
+    data = os.urandom(200_000)
+    _write_ranges(root, "x.bin", "78" * 16, data, [(100_000, 200_000), (0, 100_000)])
+    with pytest.raises(ChecksumMismatch):
+        root.commit_partial("x.bin", "78" * 16, total_size=len(data), expected_sha256="0" * 64)
+    assert not (root.path / "x.bin").exists()
