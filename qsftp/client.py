@@ -66,6 +66,7 @@ from .session import (
     READ_BLOCK,
     RECEIVE_WINDOW,
     Channel,
+    NoHash,
     QlogWriter,
     QsftpProtocol,
     QuicStats,
@@ -511,11 +512,22 @@ class Connection:
         chunk_size: int,
         progress: Callable[[int], None] | None,
         sent: asyncio.Event | None = None,
+        checked: bool = True,
     ) -> tuple[bytes, OperationDone]:
         """Send ``size`` bytes of ``file`` and END (then set ``sent``), wait for DONE and check
-        that the server stored exactly what was sent; returns the digest and the DONE."""
+        that the server stored exactly what was sent; returns the digest and the DONE. With
+        ``checked`` False (PUT_BLOCK) nothing is hashed: END carries 32 zero bytes, DONE no
+        digest, and only the size is compared."""
         protocol = self._protocol
-        digest = await send_body(protocol, channel, file, size, chunk_size, progress=progress)
+        digest = await send_body(
+            protocol,
+            channel,
+            file,
+            size,
+            chunk_size,
+            progress=progress,
+            hasher=None if checked else NoHash(),
+        )
         protocol.qsftp.send_end(channel.stream_id, digest)
         protocol.flush()
         if sent is not None:
@@ -523,7 +535,7 @@ class Connection:
         event = await channel.next_event()
         if not isinstance(event, OperationDone):
             raise event_error(event)
-        if event.sha256 != digest or event.size != size:
+        if event.size != size or (checked and event.sha256 != digest):
             raise ChecksumMismatch(
                 f"server stored {event.size} bytes with SHA-256 {event.sha256.hex()}, "
                 f"sent {size} bytes with SHA-256 {digest.hex()}"
@@ -542,9 +554,11 @@ class Connection:
         chunk_size: int,
         progress: Callable[[int], None] | None,
         sent: asyncio.Event | None = None,
+        checked: bool = True,
     ) -> int:
         """Send one range of a striped upload; return the server's CPU µs for it. ``sent`` is
-        set once the whole range is queued for sending (its DONE may still be on the way)."""
+        set once the whole range is queued for sending (its DONE may still be on the way).
+        ``checked`` False sends it as PUT_BLOCK: no SHA-256 of its own on either side."""
         protocol = self._protocol
         with _open_local(path) as file:
             await asyncio.to_thread(file.seek, offset)
@@ -556,10 +570,17 @@ class Connection:
                     offset=offset,
                     length=length,
                     upload_id=upload_id,
+                    checked=checked,
                 )
                 protocol.flush()
                 _, event = await self._send_verified(
-                    channel, file, length, chunk_size=chunk_size, progress=progress, sent=sent
+                    channel,
+                    file,
+                    length,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                    sent=sent,
+                    checked=checked,
                 )
                 return event.server_cpu_us
 
@@ -1217,6 +1238,7 @@ async def upload_striped(
                         chunk_size=chunk_size,
                         progress=progress,
                         sent=sent,
+                        checked=False,  # PUT_BLOCK: COMMIT checks the whole file
                     )
                 )
                 running.append(task)

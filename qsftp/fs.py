@@ -434,9 +434,12 @@ class Root(_CleanedUpOnExit):
         st = os.fstatvfs(self._root_fd())
         return st.f_bavail * st.f_frsize
 
-    def open_range(self, name: str, upload_id: str, *, total_size: int) -> RangeWriter:
+    def open_range(
+        self, name: str, upload_id: str, *, total_size: int, hashed: bool = True
+    ) -> RangeWriter:
         """Open the shared partial file of upload ``upload_id`` of ``name`` for one range
-        (striped or resumed uploads); whichever range comes first creates the file."""
+        (striped or resumed uploads); whichever range comes first creates the file. With
+        ``hashed`` False the range keeps no SHA-256 of its own (PUT_BLOCK)."""
         name = normalize_name(name)
         _check_size(total_size)
         parts = _split(name)
@@ -454,7 +457,7 @@ class Root(_CleanedUpOnExit):
         prefix = self._prefix_hash((name, upload_id), create=True, file_id=(st.st_dev, st.st_ino))
         # Not preallocated: the partial file's size is what has been written up to its end,
         # which is what a resumed upload asks for (probe_partial); COMMIT checks the size.
-        return RangeWriter(fd, name=name, total_size=total_size, prefix=prefix)
+        return RangeWriter(fd, name=name, total_size=total_size, prefix=prefix, hashed=hashed)
 
     def _prefix_hash(
         self, key: tuple[str, str], *, create: bool, file_id: tuple[int, int] = (0, 0)
@@ -836,12 +839,18 @@ class RangeWriter:
     :meth:`Root.open_range`), hashing the range as it goes."""
 
     def __init__(
-        self, fd: int, *, name: str, total_size: int, prefix: PrefixHash | None = None
+        self,
+        fd: int,
+        *,
+        name: str,
+        total_size: int,
+        prefix: PrefixHash | None = None,
+        hashed: bool = True,
     ) -> None:
         self.name = name
         self.total_size = total_size
         self._fd = fd
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if hashed else None
         self._prefix = prefix
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
@@ -849,7 +858,8 @@ class RangeWriter:
         view = memoryview(data)
         if offset + view.nbytes > self.total_size:
             raise TooLarge(f"{_show(self.name)}: range ends beyond {self.total_size} bytes")
-        self._sha256.update(view)
+        if self._sha256 is not None:
+            self._sha256.update(view)
         start, rest = offset, view
         try:
             while rest:
@@ -865,7 +875,9 @@ class RangeWriter:
                 raise _os_error(exc, self.name) from None
 
     def hexdigest(self) -> str:
-        """SHA-256 of this range so far."""
+        """SHA-256 of this range so far (a range opened with ``hashed`` False has none)."""
+        if self._sha256 is None:
+            raise UsageError("this range keeps no SHA-256 of its own")
         return self._sha256.hexdigest()
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ from .wire import (
     MessageType,
     Probe,
     Put,
+    PutBlock,
     PutRange,
     Stat,
     encode,
@@ -221,6 +222,8 @@ class PutRangeRequested(Event):
     "Bytes in the range."
     upload_id: bytes
     "The upload's id."
+    checked: bool = True
+    "False for PUT_BLOCK: no SHA-256 of the range itself (END carries zeros, DONE none)."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -430,6 +433,7 @@ _REQUEST: dict[tuple[RequestState, MessageType | str], RequestState] = {
     (_RQ.IDLE, _T.LIST): _RQ.ENDED,
     (_RQ.IDLE, _T.STAT): _RQ.ENDED,
     (_RQ.IDLE, _T.PUT_RANGE): _RQ.BODY,
+    (_RQ.IDLE, _T.PUT_BLOCK): _RQ.BODY,
     (_RQ.IDLE, _T.COMMIT): _RQ.ENDED,
     (_RQ.IDLE, _T.ABORT): _RQ.ENDED,
     (_RQ.IDLE, _T.PROBE): _RQ.ENDED,
@@ -469,6 +473,7 @@ _RESPONSE_FOR: dict[MessageType, ResponseState] = {
     _T.LIST: _RS.LIST_ENTRIES,
     _T.STAT: _RS.STAT_ENTRY,
     _T.PUT_RANGE: _RS.PUT_RESULT,
+    _T.PUT_BLOCK: _RS.PUT_RESULT,
     _T.COMMIT: _RS.PUT_RESULT,
     _T.ABORT: _RS.PUT_RESULT,
     _T.PROBE: _RS.PUT_RESULT,
@@ -580,13 +585,16 @@ class QsftpConnection:
         offset: int,
         length: int,
         upload_id: bytes,
+        checked: bool = True,
     ) -> None:
-        """Client: start one range of a striped upload on a new stream."""
+        """Client: start one range of a striped upload on a new stream: PUT_RANGE, or with
+        ``checked`` False PUT_BLOCK (END then carries 32 zero bytes)."""
+        kind = PutRange if checked else PutBlock
         stream = self._new_local_stream(stream_id)
-        self._request_step(stream, _T.PUT_RANGE, local=True)
-        stream.response = _RESPONSE_FOR[_T.PUT_RANGE]
+        self._request_step(stream, kind.TYPE, local=True)
+        stream.response = _RESPONSE_FOR[kind.TYPE]
         stream.body_expected = length
-        msg = PutRange(
+        msg = kind(
             name=name, total_size=total_size, offset=offset, length=length, upload_id=upload_id
         )
         self._pending.append((stream_id, encode(msg), False))
@@ -851,6 +859,7 @@ class QsftpConnection:
                         offset=msg.offset,
                         length=msg.length,
                         upload_id=msg.upload_id,
+                        checked=not isinstance(msg, PutBlock),
                     )
                 )
             case Commit():

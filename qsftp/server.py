@@ -531,6 +531,7 @@ class ServerSession(SessionBase):
             name,
             request.upload_id.hex(),
             total_size=request.total_size,
+            hashed=request.checked,
         )
         position = request.offset
 
@@ -546,13 +547,16 @@ class ServerSession(SessionBase):
                 event = await receive_body(self, channel, write, first=event.data)
             if not isinstance(event, UploadEnded):
                 raise event_error(event)
-            digest = writer.hexdigest()
-            if digest != event.sha256.hex():
-                raise ChecksumMismatch(f"range at {request.offset}: SHA-256 {digest} differs")
+            if not request.checked:  # PUT_BLOCK: the COMMIT's whole-file digest checks it
+                if event.sha256 != bytes(len(event.sha256)):
+                    raise BadRequest("END of PUT_BLOCK must carry 32 zero bytes")
+                digest = b""
+            elif (digest := bytes.fromhex(writer.hexdigest())) != event.sha256:
+                raise ChecksumMismatch(f"range at {request.offset}: SHA-256 {digest.hex()} differs")
             self.qsftp.send_done(
                 channel.stream_id,
                 size=request.length,
-                sha256=bytes.fromhex(digest),
+                sha256=digest,
                 server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
             )
         finally:

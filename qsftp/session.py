@@ -78,6 +78,7 @@ __all__ = [
     "RECEIVE_WINDOW",
     "SEND_HIGH_WATER",
     "Channel",
+    "NoHash",
     "QlogWriter",
     "QsftpProtocol",
     "QuicStats",
@@ -623,6 +624,18 @@ def transmit_batch(batch: set[QsftpProtocol]) -> None:
         batch.pop().transmit()
 
 
+class NoHash:
+    """Stands in for a hashlib object where the bytes sent need no digest of their own (the
+    blocks of a striped upload, PUT_BLOCK): :meth:`digest` is 32 zero bytes."""
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Ignore ``data``."""
+
+    def digest(self) -> bytes:
+        """32 zero bytes."""
+        return bytes(32)
+
+
 def _read_block(file: BinaryIO, hasher: Any, size: int) -> bytes:
     data = file.read(size)
     hasher.update(data)
@@ -637,7 +650,7 @@ async def send_body(
     chunk_size: int,
     *,
     progress: Callable[[int], None] | None = None,
-    hasher: hashlib._Hash | None = None,
+    hasher: hashlib._Hash | NoHash | None = None,
 ) -> bytes:
     """Send exactly ``size`` bytes of ``file`` as DATA frames; return their SHA-256.
 

@@ -27,6 +27,7 @@ __all__ = [
     "Abort",
     "Commit",
     "Probe",
+    "PutBlock",
     "PutRange",
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_PAYLOAD",
@@ -82,6 +83,7 @@ class MessageType(enum.IntEnum):
     ABORT = 0x16
     PROBE = 0x17
     GET_FROM = 0x18
+    PUT_BLOCK = 0x19
     DATA = 0x20
     END = 0x21
     FILE = 0x30
@@ -208,6 +210,17 @@ class PutRange(Message):
     "Bytes in this range (the DATA that follows)."
     upload_id: bytes
     "16 random bytes naming the upload."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutBlock(PutRange):
+    """Client → server: a PUT_RANGE whose bytes are not hashed on their own.
+
+    The same fields and body; END carries 32 zero bytes and DONE no digest. The COMMIT's
+    whole-file SHA-256 is the only check, so neither side spends a hash pass per block.
+    """
+
+    TYPE = MessageType.PUT_BLOCK
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -513,12 +526,13 @@ def _decode_control(kind: MessageType, payload: bytes) -> Message:
             msg = List(path=r.text(), recursive=r.flag())
         case MessageType.STAT:
             msg = Stat(path=r.text())
-        case MessageType.PUT_RANGE:
+        case MessageType.PUT_RANGE | MessageType.PUT_BLOCK:
             name, total, offset, length = r.text(), r.varint(), r.varint(), r.varint()
             upload_id = _upload_id(r)
             if offset + length > total:
                 raise RemoteProtocolError("range ends beyond the file")
-            msg = PutRange(
+            cls = PutRange if kind == MessageType.PUT_RANGE else PutBlock
+            msg = cls(
                 name=name, total_size=total, offset=offset, length=length, upload_id=upload_id
             )
         case MessageType.COMMIT:

@@ -515,6 +515,83 @@ def test_striped_upload_deals_blocks_out_and_commit_reads_nothing_back(
     ]
 
 
+def test_striped_blocks_go_as_put_block_and_only_commit_checks_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Striped blocks carry no digest of their own (PUT_BLOCK); bytes that are not the file's
+    are still caught, by the whole-file digest at COMMIT."""
+    sent: list[bool] = []
+    original = qsftp.protocol.QsftpConnection.send_put_range
+
+    def spy(self: qsftp.protocol.QsftpConnection, *args: Any, **kwargs: Any) -> None:
+        sent.append(kwargs.get("checked", True))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(qsftp.protocol.QsftpConnection, "send_put_range", spy)
+    src = make_file(tmp_path / "s.bin", 3 << 20)
+    other = make_file(tmp_path / "o.bin", 3 << 20, seed=7)
+    root = tmp_path / "root"
+
+    async def body() -> None:
+        async with qsftp.serve(root) as server:
+            result = await qsftp.upload(src, server.host, server.port, connections=2)
+            assert result.verified and result.sha256 == sha256(src)
+            async with qsftp.connect(server.host, server.port) as conn:
+                upload_id = bytes(range(16))
+                await conn._upload_range(
+                    other,
+                    name="x.bin",
+                    total_size=3 << 20,
+                    offset=0,
+                    length=3 << 20,
+                    upload_id=upload_id,
+                    chunk_size=65536,
+                    progress=None,
+                    checked=False,
+                )
+                with pytest.raises(qsftp.ChecksumMismatch):
+                    await conn._finish_striped(
+                        name="x.bin",
+                        total_size=3 << 20,
+                        upload_id=upload_id,
+                        sha256=bytes.fromhex(sha256(src)),
+                    )
+
+    run(body)
+    assert sent and not any(sent)
+    assert (root / "s.bin").read_bytes() == src.read_bytes()
+    assert not (root / "x.bin").exists()
+    assert partials(root) == []
+
+
+def test_put_block_whose_end_carries_a_digest_is_refused(tmp_path: Path) -> None:
+    """END of a PUT_BLOCK must carry 32 zero bytes: anything else is a confused client."""
+    root = tmp_path / "root"
+
+    async def body() -> None:
+        async with qsftp.serve(root) as server, qsftp.connect(server.host, server.port) as conn:
+            protocol = conn._protocol
+            channel = conn._open()
+            protocol.qsftp.send_put_range(
+                channel.stream_id,
+                name="b.bin",
+                total_size=4,
+                offset=0,
+                length=4,
+                upload_id=bytes(16),
+                checked=False,
+            )
+            protocol.qsftp.send_data(channel.stream_id, b"data")
+            protocol.qsftp.send_end(channel.stream_id, hashlib.sha256(b"data").digest())
+            protocol.flush()
+            event = await channel.next_event()
+            with pytest.raises(qsftp.BadRequest, match="32 zero bytes"):
+                raise qsftp.session.event_error(event)
+
+    run(body)
+    assert not (root / "b.bin").exists()
+
+
 def test_failed_striped_upload_leaves_no_partial_and_no_final(tmp_path: Path) -> None:
     src = make_file(tmp_path / "s.bin", 3 << 20)
     root = tmp_path / "root"
