@@ -40,6 +40,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, TypeVar
@@ -687,8 +688,10 @@ async def receive_body(
     *,
     first: bytes,
     progress: Callable[[int], None] | None = None,
+    executor: Executor | None = None,
 ) -> Event:
-    """Write DATA bytes with ``write`` (in a worker thread) until a non-data event comes.
+    """Write DATA bytes with ``write`` (in a worker thread of ``executor``, default the
+    loop's) until a non-data event comes.
 
     ``first`` is the data of the DataReceived event that started the body. Returns the event
     that ended it. At most one write is in flight while the next batch gathers, and credit is
@@ -713,7 +716,7 @@ async def receive_body(
                 blob = parts[0] if len(parts) == 1 else b"".join(parts)
                 if in_flight is not None:
                     await in_flight  # one write at a time; raises the write's error
-                in_flight = asyncio.ensure_future(asyncio.to_thread(write, blob))
+                in_flight = protocol.loop.run_in_executor(executor, write, blob)
                 in_flight.add_done_callback(functools.partial(written, size=total))
             event = await channel.next_event()
             if isinstance(event, DataReceived):
