@@ -104,7 +104,7 @@ PARTIAL_SUFFIX = ".qsftp-part"
 # Incoming data arrives in QUIC-frame sized pieces (1-16 KiB); a 1 MiB buffer turns them into
 # few large write() calls, and bounds the memory one open upload holds. A file whose size is
 # declared and smaller gets a buffer of its size (at least io's default): a 1 MiB allocation,
-# mapped and unmapped again, per 4 KiB file was measurable in a burst of small uploads.
+# mapped and unmapped again, per 4 KiB file showed in profiles of a burst of small uploads.
 WRITE_BUFFER_SIZE = 1024 * 1024
 # Random part of temporary names: O_EXCL catches a collision, so 32 bits only need to make one
 # rare among concurrent writers of the same name.
