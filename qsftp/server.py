@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -18,10 +19,11 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from . import __version__, fs, tcp, trust
 from .engine import AIOQUIC, ENGINES, Engine, get_engine
@@ -83,13 +85,16 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_PORT",
     "DEFAULT_ROOT",
+    "FS_THREADS",
     "Limits",
     "QsftpServer",
+    "SMALL_UPLOAD_MAX",
     "main",
     "serve",
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PORT = 5000  # the prototype's port, kept
 DEFAULT_ROOT = "received"
@@ -125,6 +130,22 @@ _WORKER_STOP_TIMEOUT = 10.0
 _PORT_ATTEMPTS = 5
 # A client whose session was refused gets this long to read the ERROR before we close.
 _REJECT_GRACE = 1.0
+# An upload declaring at most this many bytes is gathered in memory and stored by one call in a
+# worker thread (Root.store) instead of a thread hop to create the file, one per written block
+# and one to commit: a burst of small files costs the server per file, not per byte. It is well
+# below the receive window (RECEIVE_WINDOW), so the body arrives without waiting for credit and
+# buffering it holds no more than the window already lets a client queue on the stream.
+SMALL_UPLOAD_MAX = 256 * 1024
+# Threads of the server's own pool for blocking file-system work (creating, storing and
+# committing uploads). A commit holds its thread for an fsync (~2 ms on this project's disk):
+# with asyncio's default pool (min(32, cores + 4) threads: 6 on 2 cores) the commits of 32
+# concurrent small uploads queued behind each other. Concurrent fsyncs on one file system
+# share journal commits, and the directory fsyncs are grouped (fs.sync_directory), so more
+# threads in flight is group commit, not more disk work (Root.store of 4 KiB files from a
+# bare thread pool here: ~2000 files/s with 6 threads, ~2800 with 16 to 64). The pool is the
+# server's own: the loop's default executor belongs to the application (in a notebook, the
+# kernel's loop).
+FS_THREADS = 32
 _SERVER_NAME = f"qsftp/{__version__}"
 _KINDS = {"file": EntryKind.FILE, "dir": EntryKind.DIR}
 
@@ -178,6 +199,9 @@ class QsftpServer:
         "Open TCP connections (sessions or not yet), closed when the server stops."
         self.transports: tuple[str, ...] = ()
         "What the server listens with: ``('quic',)``, ``('tcp',)`` or ``('quic', 'tcp')``."
+        self.fs_pool = ThreadPoolExecutor(max_workers=FS_THREADS, thread_name_prefix="qsftp-fs")
+        """Threads for the server's blocking file-system work (:data:`FS_THREADS`), shut down
+        when the server closes; :meth:`run_fs` runs a call on them."""
 
     def __repr__(self) -> str:
         return f"<QsftpServer {self.host}:{self.port} root={self.root.path}>"
@@ -315,6 +339,12 @@ class QsftpServer:
                     raise
         self.transports = ("quic", "tcp")
 
+    async def run_fs(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run blocking file-system work (``func(*args, **kwargs)``) on the server's own
+        threads (:data:`FS_THREADS`) and return its result."""
+        call = functools.partial(func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.fs_pool, call)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run an operation handler in the server's TaskGroup."""
         if self._tasks is None or self._stopping.is_set():
@@ -361,6 +391,10 @@ class QsftpServer:
             self._qlog.end_open_traces()
         self._stopping.set()
         await supervisor
+        # Handlers are gone, but file-system calls they started may still run (a thread cannot
+        # be cancelled): refuse new ones, then wait for those before the root is closed.
+        self.fs_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.fs_pool.shutdown, wait=True)
         await asyncio.sleep(0)  # let the transport release the port before we return
 
 
@@ -495,15 +529,21 @@ class ServerSession(SessionBase):
     async def _put(self, channel: Channel, request: PutRequested) -> None:
         name = fs.normalize_name(request.name)
         self._check_size(request.size, writes=request.size)
-        writer = await asyncio.to_thread(self.server.root.create_writer, name, size=request.size)
+        if request.size <= SMALL_UPLOAD_MAX:
+            await self._put_small(channel, name, request.size)
+            return
+        server = self.server
+        writer = await server.run_fs(server.root.create_writer, name, size=request.size)
         try:
             cpu_start = cpu_time()
             event = await channel.next_event()
             if isinstance(event, DataReceived):
-                event = await receive_body(self, channel, writer.write, first=event.data)
+                event = await receive_body(
+                    self, channel, writer.write, first=event.data, executor=server.fs_pool
+                )
             if not isinstance(event, UploadEnded):
                 raise event_error(event)
-            digest = await asyncio.to_thread(writer.commit, expected_sha256=event.sha256.hex())
+            digest = await server.run_fs(writer.commit, expected_sha256=event.sha256.hex())
             logger.info("stored %s (%d bytes)", name, writer.bytes_written)
             self.qsftp.send_done(
                 channel.stream_id,
@@ -513,6 +553,36 @@ class ServerSession(SessionBase):
             )
         finally:
             writer.abort()
+
+    async def _put_small(self, channel: Channel, name: str, size: int) -> None:
+        """A PUT of at most SMALL_UPLOAD_MAX bytes: the body is gathered in memory (credit
+        returned as it is buffered) and stored by one Root.store call."""
+        cpu_start = cpu_time()
+        parts: list[bytes] = []
+        received = 0
+        event = await channel.next_event()
+        while isinstance(event, DataReceived):
+            more, count = channel.take_data(event.data, size + 1 - received)
+            received += count
+            if received > size:
+                raise fs.too_large(name, size)
+            parts += more
+            self.consumed(channel.stream_id, count)
+            event = await channel.next_event()
+        if not isinstance(event, UploadEnded):
+            raise event_error(event)
+        server = self.server
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        digest = await server.run_fs(
+            server.root.store, name, data, size=size, expected_sha256=event.sha256.hex()
+        )
+        logger.info("stored %s (%d bytes)", name, size)
+        self.qsftp.send_done(
+            channel.stream_id,
+            size=size,
+            sha256=bytes.fromhex(digest),
+            server_cpu_us=round((cpu_time() - cpu_start) * 1e6),
+        )
 
     def _check_size(self, size: int, *, writes: int) -> None:
         """``size`` is the whole file's; ``writes`` the bytes this operation will add."""

@@ -21,11 +21,20 @@ from helpers import (
 import qsftp
 from qsftp import fs, trust
 from qsftp.server import Limits
+from qsftp.session import INLINE_READ_MAX
 
 
 @pytest.mark.parametrize(
     ("size", "chunk_size"),
-    [(0, 65536), (1, 65536), (1 << 20, 65536), ((1 << 20) + 17, 65536), (100_003, 1000)],
+    [
+        (0, 65536),
+        (1, 65536),
+        (1 << 20, 65536),
+        ((1 << 20) + 17, 65536),
+        (100_003, 1000),
+        (INLINE_READ_MAX, 1000),  # read and hashed on the loop, sent in 66 DATA frames
+        (INLINE_READ_MAX + 1, 65536),  # the smallest body read in a worker thread
+    ],
 )
 def test_upload_then_download_round_trips_bytes_and_sha256(
     tmp_path: Path, size: int, chunk_size: int

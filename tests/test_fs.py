@@ -151,6 +151,7 @@ OPERATIONS: dict[str, Callable[[Root, str], object]] = {
     "stat": lambda r, n: r.stat(n),
     "listdir": lambda r, n: r.listdir(n),
     "create_writer": lambda r, n: r.create_writer(n),
+    "store": lambda r, n: r.store(n, b"x"),
 }
 
 
@@ -166,6 +167,8 @@ OPERATIONS: dict[str, Callable[[Root, str], object]] = {
         ("create_writer", "out/new.txt"),
         ("create_writer", "out/deeper/new.txt"),
         ("create_writer", "secret"),
+        ("store", "out/new.txt"),
+        ("store", "secret"),
     ],
 )
 def test_symlink_out_of_root_is_refused(
@@ -186,6 +189,7 @@ def test_symlink_out_of_root_is_refused(
         ("stat", "infile"),
         ("listdir", "inlink"),
         ("create_writer", "inlink/new.txt"),
+        ("store", "inlink/new.txt"),
     ],
 )
 def test_symlink_inside_root_is_refused_too(linked: Root, operation: str, name: str) -> None:
@@ -433,6 +437,61 @@ def test_directory_appearing_before_commit_is_bad_path(root: Root) -> None:
     with pytest.raises(BadPath, match="is a directory"):
         writer.commit()
     assert leftovers(root.path) == ["d"]
+
+
+# --- store: a whole file from memory in one call (a server's small uploads) -----------------
+
+
+def test_store_makes_the_final_file_with_content_and_hash(root: Root) -> None:
+    data = os.urandom(4096)
+    (root.path / "d").mkdir()
+    (root.path / "d" / "f").write_bytes(b"old")
+    digest = root.store("d/f", data, expected_sha256=hashlib.sha256(data).hexdigest().upper())
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert (root.path / "d" / "f").read_bytes() == data
+    assert leftovers(root.path / "d") == ["f"]
+    assert root.store("new/dir/empty", b"") == hashlib.sha256(b"").hexdigest()
+    assert (root.path / "new" / "dir" / "empty").read_bytes() == b""
+
+
+def test_store_with_a_wrong_sha256_leaves_the_old_file_and_no_temp(root: Root) -> None:
+    (root.path / "f").write_bytes(b"old")
+    with pytest.raises(ChecksumMismatch, match="SHA-256"):
+        root.store("f", b"data", expected_sha256="0" * 64)
+    assert leftovers(root.path) == ["f"]
+    assert (root.path / "f").read_bytes() == b"old"
+
+
+def test_store_of_more_than_the_declared_size_is_too_large_and_leaves_nothing(root: Root) -> None:
+    with pytest.raises(TooLarge, match="more than the declared 3 bytes"):
+        root.store("f", b"1234", size=3)
+    assert leftovers(root.path) == []
+
+
+def test_store_of_less_than_the_declared_size_is_a_mismatch_and_leaves_nothing(root: Root) -> None:
+    with pytest.raises(ChecksumMismatch, match="size 2 != declared 3"):
+        root.store("f", b"12", size=3)
+    assert leftovers(root.path) == []
+
+
+def test_store_over_a_directory_is_bad_path_and_leaves_it(root: Root) -> None:
+    (root.path / "d").mkdir()
+    with pytest.raises(BadPath, match="is a directory"):
+        root.store("d", b"x")
+    assert leftovers(root.path) == ["d"]
+    assert leftovers(root.path / "d") == []
+
+
+def test_store_failing_in_fsync_is_nospace_and_removes_the_temp(
+    monkeypatch: pytest.MonkeyPatch, root: Root
+) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(NoSpace):
+        root.store("f", b"data")
+    assert leftovers(root.path) == []
 
 
 def test_file_mode_follows_the_umask(root: Root) -> None:
