@@ -115,10 +115,12 @@ RESUME_RETRIES = 8
 # With --connections N, files at least this large are striped; smaller ones gain nothing
 # from the extra commit pass and go whole over the first connection.
 STRIPE_MIN_SIZE = 8 * 1024 * 1024
-# A striped upload deals the file out in blocks of this size, in turn, so that the server's
-# running hash of the contiguous beginning (fs.PrefixHash) keeps up with the ranges arriving;
-# large enough that a block's own request and DONE cost nothing next to its data.
-STRIPE_BLOCK = 8 * 1024 * 1024
+# A striped upload hands the file out in blocks of this size, in file order, to whichever
+# connection is ready, so the server's running hash of the contiguous beginning
+# (fs.PrefixHash) keeps up with the blocks arriving. Large, because the tail of one block
+# and the head of the next share their connection for a moment (the next starts when the
+# previous is queued): 8 MiB blocks cost the server ~7% more CPU than 32 MiB on loopback.
+STRIPE_BLOCK = 32 * 1024 * 1024
 # TLS alerts arrive as QUIC CRYPTO_ERROR codes 0x100 + alert.
 _CRYPTO_ERROR_MIN, _CRYPTO_ERROR_MAX = 0x100, 0x1FF
 _NO_APPLICATION_PROTOCOL = 0x100 + 120
@@ -1194,9 +1196,10 @@ async def upload_striped(
     """Upload one file as byte ranges over several connections at once.
 
     The file is cut into blocks of :data:`STRIPE_BLOCK` (fewer, larger ones for a file under
-    ``STRIPE_BLOCK`` × connections) dealt out in turn, so the connections move through the file
-    side by side; each sends its blocks one after another, starting the next as soon as the
-    previous one is queued. The server writes every block in place into one hidden partial file
+    ``STRIPE_BLOCK`` × connections), taken in file order by whichever connection is ready for
+    one, so the connections move through the file side by side and a faster one takes more;
+    each sends its blocks one after another, starting the next as soon as the previous one is
+    queued. The server writes every block in place into one hidden partial file
     and keeps a running SHA-256 of its contiguous beginning (fs.PrefixHash), so that the COMMIT
     on the first connection, sent when every block is stored, finds the whole file hashed; it
     compares that digest with the SHA-256 computed here (in a worker thread, while the blocks
@@ -1221,11 +1224,13 @@ async def upload_striped(
     whole = asyncio.ensure_future(asyncio.to_thread(fs.sha256_file, local))
     whole.add_done_callback(consume_result)  # a failure is raised where it is awaited
 
-    async def send_blocks(conn: Connection, mine: list[tuple[int, int]]) -> list[int]:
-        """One connection's blocks in turn; returns the server CPU µs of each."""
+    queue = iter(blocks)  # shared: each connection takes the next block when it is ready
+
+    async def send_blocks(conn: Connection) -> list[int]:
+        """Blocks from the queue over ``conn``, one after another; the server CPU µs of each."""
         async with asyncio.TaskGroup() as tasks:
             running = []
-            for offset, length in mine:
+            for offset, length in queue:
                 sent = asyncio.Event()
                 task = tasks.create_task(
                     conn._upload_range(
@@ -1250,13 +1255,7 @@ async def upload_striped(
         return [task.result() for task in running]
 
     try:
-        per_connection = await _gather_ranges(
-            [
-                send_blocks(conn, blocks[i :: len(connections)])
-                for i, conn in enumerate(connections)
-                if blocks[i :: len(connections)]
-            ]
-        )
+        per_connection = await _gather_ranges([send_blocks(conn) for conn in connections])
         parts = [us for done in per_connection for us in done]
         digest = bytes.fromhex(await whole)
         done = await first._finish_striped(

@@ -504,8 +504,8 @@ def test_striped_upload_assembles_one_verified_file(
 def test_striped_upload_deals_blocks_out_and_commit_reads_nothing_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Blocks alternate between the connections; the server's running hash has the whole file
-    by the time COMMIT comes, so COMMIT does not read it again."""
+    """Blocks go to the connections as they are ready; the server's running hash has the whole
+    file by the time COMMIT comes, so COMMIT does not read it again."""
     monkeypatch.setattr(qsftp.client, "STRIPE_BLOCK", 1 << 20)
     src = make_file(tmp_path / "s.bin", (5 << 20) + 777)
     root = tmp_path / "root"
