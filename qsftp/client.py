@@ -1256,7 +1256,6 @@ async def upload_striped(
 
     try:
         per_connection = await _gather_ranges([send_blocks(conn) for conn in connections])
-        parts = [us for done in per_connection for us in done]
         digest = bytes.fromhex(await whole)
         done = await first._finish_striped(
             name=name, total_size=size, upload_id=upload_id, sha256=digest
@@ -1271,7 +1270,11 @@ async def upload_striped(
     seconds = time.perf_counter() - started
     stats_end = [conn.stats() for conn in connections]
     spans = list(zip(stats_start, stats_end, strict=True))
-    server_us = sum(parts) + done.server_cpu_us
+    # Each block's figure is the server process's CPU while it was handled, so blocks of
+    # other connections served at the same time are in it too: summing every block would
+    # count one process's CPU N times. A connection's own blocks follow one another, so the
+    # busiest connection's sum is about the process's CPU over the transfer.
+    server_us = max(sum(done) for done in per_connection) + done.server_cpu_us
     return TransferResult(
         op="upload",
         name=name,
