@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aioquic.asyncio.client import connect as quic_connect
 from helpers import (
-    decode_all,
     isolated_home,  # noqa: F401 (an autouse fixture)
     make_file,
     partials,
     run,
 )
-from test_hostile import _config, _open_session, _Raw
+from test_hostile import raw_operation
 
 import qsftp
 from qsftp import fs, wire
@@ -77,24 +75,6 @@ def test_an_upload_above_the_small_limit_streams_to_disk_instead(
     assert stores == []
 
 
-async def _raw_put(root: Path, payload: bytes) -> list[wire.Message]:
-    """Send one operation stream of raw bytes to a server on ``root``; return its answer,
-    after checking that the server still stores a normal upload afterwards."""
-    async with qsftp.serve(root) as server:
-        async with quic_connect(
-            server.host, server.port, configuration=_config(), create_protocol=_Raw
-        ) as raw:
-            assert isinstance(raw, _Raw)
-            await _open_session(raw)
-            raw._quic.send_stream_data(4, payload, end_stream=True)
-            raw.transmit()
-            await raw.wait_ended(4)
-            answer = decode_all(bytes(raw.received.get(4, b"")))
-        probe = make_file(root.parent / "probe.bin", 100)
-        assert (await qsftp.upload(probe, server.host, server.port)).verified
-    return answer
-
-
 def _put(name: str, declared: int, body: bytes, sha256: bytes | None = None) -> bytes:
     digest = hashlib.sha256(body).digest() if sha256 is None else sha256
     return b"".join(
@@ -117,7 +97,7 @@ def test_a_small_body_of_another_length_than_declared_is_refused_and_leaves_noth
     root = tmp_path / "root"
     (root / "d").mkdir(parents=True)
     (root / "d" / "f").write_bytes(b"old")
-    answer = run(lambda: _raw_put(root, _put("d/f", declared, bytes(sent))))
+    answer = run(lambda: raw_operation(root, _put("d/f", declared, bytes(sent))))
     assert isinstance(answer[-1], wire.Error)
     assert answer[-1].code == ErrorCode.BAD_REQUEST
     assert (root / "d" / "f").read_bytes() == b"old"
@@ -130,7 +110,7 @@ def test_a_small_upload_with_a_wrong_sha256_leaves_no_file_and_no_temp(tmp_path:
     (root / "kept").write_bytes(b"old")
     body = b"x" * 4096
     for name in ("new", "kept"):
-        answer = run(lambda name=name: _raw_put(root, _put(name, len(body), body, bytes(32))))
+        answer = run(lambda name=name: raw_operation(root, _put(name, len(body), body, bytes(32))))
         assert isinstance(answer[-1], wire.Error)
         assert answer[-1].code == ErrorCode.CHECKSUM_MISMATCH
         assert "SHA-256" in answer[-1].message
