@@ -596,7 +596,7 @@ class ServerSession(SessionBase):
     async def _put_range(self, channel: Channel, request: PutRangeRequested) -> None:
         name = fs.normalize_name(request.name)
         self._check_size(request.total_size, writes=request.length)
-        writer = await asyncio.to_thread(
+        writer = await self.server.run_fs(
             self.server.root.open_range,
             name,
             request.upload_id.hex(),
@@ -614,7 +614,9 @@ class ServerSession(SessionBase):
             cpu_start = cpu_time()
             event = await channel.next_event()
             if isinstance(event, DataReceived):
-                event = await receive_body(self, channel, write, first=event.data)
+                event = await receive_body(
+                    self, channel, write, first=event.data, executor=self.server.fs_pool
+                )
             if not isinstance(event, UploadEnded):
                 raise event_error(event)
             if not request.checked:  # PUT_BLOCK: the COMMIT's whole-file digest checks it
@@ -635,7 +637,7 @@ class ServerSession(SessionBase):
     async def _commit(self, channel: Channel, request: CommitRequested) -> None:
         name = fs.normalize_name(request.name)
         cpu_start = cpu_time()
-        digest = await asyncio.to_thread(
+        digest = await self.server.run_fs(
             self.server.root.commit_partial,
             name,
             request.upload_id.hex(),
@@ -652,14 +654,14 @@ class ServerSession(SessionBase):
 
     async def _abort(self, channel: Channel, request: AbortRequested) -> None:
         name = fs.normalize_name(request.name)
-        removed = await asyncio.to_thread(
+        removed = await self.server.run_fs(
             self.server.root.abort_partial, name, request.upload_id.hex()
         )
         self.qsftp.send_done(channel.stream_id, size=int(removed))
 
     async def _probe(self, channel: Channel, request: ProbeRequested) -> None:
         name = fs.normalize_name(request.name)
-        held, digest = await asyncio.to_thread(
+        held, digest = await self.server.run_fs(
             self.server.root.probe_partial, name, request.upload_id.hex()
         )
         self.qsftp.send_done(channel.stream_id, size=held, sha256=bytes.fromhex(digest))
