@@ -854,8 +854,6 @@ class PrefixHash:
                 raise OSError(errno.EIO, "partial file shorter than what was written to it")
             self._sha256.update(buffer[:count])
             start += count
-        with self._cond:
-            self._hashed = end
 
     def _release(self, *, spoil: bool) -> None:
         with self._cond:
