@@ -512,28 +512,27 @@ class Root(_CleanedUpOnExit):
         nothing) when there is none): a resuming client compares them with its own prefix."""
         name = normalize_name(name)
         parts = _split(name)
-        hasher = hashlib.sha256()
+        nothing = hashlib.sha256().hexdigest()
         try:
             parent = self._open_dir(parts[:-1], name)
         except NotFound:
-            return 0, hasher.hexdigest()
+            return 0, nothing
         try:
             try:
                 fd = os.open(_partial_name(parts[-1], upload_id), _READ_FLAGS, dir_fd=parent)
             except FileNotFoundError:
-                return 0, hasher.hexdigest()
+                return 0, nothing
             except OSError as exc:
                 raise _os_error(exc, name) from None
             try:
-                size = 0
-                while block := os.read(fd, _HASH_BLOCK):
-                    hasher.update(block)
-                    size += len(block)
+                st = os.fstat(fd)
+                return st.st_size, PrefixHash((st.st_dev, st.st_ino)).finish(fd, st.st_size)
+            except OSError as exc:
+                raise _os_error(exc, name) from None
             finally:
                 os.close(fd)
         finally:
             os.close(parent)
-        return size, hasher.hexdigest()
 
     def commit_partial(
         self, name: str, upload_id: str, *, total_size: int, expected_sha256: str
